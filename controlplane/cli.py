@@ -1,0 +1,159 @@
+"""The ``laneway`` command line.
+
+Exit codes (CONTRACT.md): 0 ok, 1 refused or invalid, 2 usage, 3 server unreachable.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from controlplane.policy_loader import load_policy
+from controlplane.settings import Settings
+from router.errors import LanewayError, PolicyError
+
+EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+
+app = typer.Typer(help="Laneway: an intent-routing control plane for image generation.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+policy_app = typer.Typer(help="Validate and manage routing policies.", no_args_is_help=True)
+models_app = typer.Typer(help="The model registry.", no_args_is_help=True)
+app.add_typer(policy_app, name="policy")
+app.add_typer(models_app, name="models")
+
+RedisUrl = Annotated[str | None, typer.Option(
+    "--redis-url", envvar="LANEWAY_REDIS_URL",
+    help="Redis/Valkey URL; without it `serve` starts the bundled server.")]
+RegistryDir = Annotated[Path | None, typer.Option(
+    "--registry", envvar="LANEWAY_REGISTRY", help="Model registry folder (default ./registry).")]
+
+
+def _settings(**overrides: object) -> Settings:
+    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def _fail(message: str, code: int = EXIT_REFUSED) -> typer.Exit:
+    typer.echo(message, err=True)
+    return typer.Exit(code)
+
+
+@app.command()
+def serve(
+    policy: Annotated[Path, typer.Option(help="Policy YAML to apply at start.")] = Path(
+        "policies/tiny.yaml"),
+    redis_url: RedisUrl = None,
+    host: Annotated[str, typer.Option(help="Interface of the HTTP API.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port of the HTTP API.")] = 8000,
+    no_workers: Annotated[bool, typer.Option(
+        "--no-workers", help="Run the API only; workers run elsewhere.")] = False,
+    watch: Annotated[bool, typer.Option(
+        help="Re-apply the policy file whenever it changes.")] = False,
+    registry: RegistryDir = None,
+) -> None:
+    """Run the service: bundled server (unless --redis-url), API and a local worker."""
+    from controlplane.embedded_redis import EmbeddedServerError
+    from controlplane.serve import ServeOptions
+    from controlplane.serve import serve as run_serve
+
+    settings = _settings(redis_url=redis_url, host=host, port=port, registry=registry)
+    try:
+        run_serve(settings, ServeOptions(policy_path=policy, workers=not no_workers,
+                                         watch=watch))
+    except PolicyError as exc:
+        _print_policy_errors(exc, str(policy))
+        raise typer.Exit(EXIT_REFUSED) from None
+    except (LanewayError, EmbeddedServerError) as exc:
+        raise _fail(f"laneway serve: {exc}") from None
+
+
+@app.command()
+def worker(
+    device: Annotated[str, typer.Option(help="Torch device: cpu, cuda:0, ...")] = "cpu",
+    engines: Annotated[str | None, typer.Option(
+        help="Comma-separated engine names to serve (default: every local engine).")] = None,
+    redis_url: RedisUrl = None,
+    registry: RegistryDir = None,
+) -> None:
+    """Run a worker against a Redis/Valkey server; SIGTERM drains it."""
+    from engines.worker_main import run_worker
+
+    settings = _settings(redis_url=redis_url, registry=registry, device=device)
+    if not settings.redis_url:
+        raise _fail("laneway worker needs --redis-url or LANEWAY_REDIS_URL", EXIT_USAGE)
+    names = frozenset(n.strip() for n in engines.split(",") if n.strip()) if engines else None
+    run_worker(settings, device=device, engines=names)
+
+
+def _print_policy_errors(exc: PolicyError, source: str) -> None:
+    typer.echo(f"{source}: invalid policy", err=True)
+    if not exc.details:
+        typer.echo(f"  {exc.message}", err=True)
+    for detail in exc.details:
+        shown = f" (got {detail.value!r})" if detail.value is not None else ""
+        typer.echo(f"  {detail.field}: {detail.message}{shown}", err=True)
+
+
+@policy_app.command("validate")
+def policy_validate(
+    file: Annotated[Path, typer.Argument(help="Policy YAML file.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Check a policy offline; print each error with its YAML path and line, exit 1."""
+    try:
+        policy = load_policy(file)
+    except PolicyError as exc:
+        if as_json:
+            typer.echo(json.dumps(exc.as_body()))
+        else:
+            _print_policy_errors(exc, str(file))
+        raise typer.Exit(EXIT_REFUSED) from None
+    if as_json:
+        typer.echo(json.dumps({"valid": True, "version": policy.version_id}))
+    else:
+        typer.echo(f"{file}: valid, version {policy.version_id} "
+                   f"({len(policy.routes)} routes, {len(policy.engines)} engines)")
+
+
+@models_app.command("make-tiny")
+def models_make_tiny(registry: RegistryDir = None) -> None:
+    """Build tiny random-weight models (they draw noise) for offline runs and tests."""
+    from engines.registry import Registry
+    from engines.tiny_models import make_tiny
+
+    root = registry or _settings().registry
+    for manifest in make_tiny(Registry(root)):
+        typer.echo(f"{manifest.name} {manifest.version} ({manifest.kind})")
+
+
+@models_app.command("list")
+def models_list(
+    registry: RegistryDir = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Models and versions in the local registry."""
+    from engines.registry import Registry
+
+    reg = Registry(registry or _settings().registry)
+    rows = [{"model": m, "version": v, "kind": reg.manifest(m, v).kind}
+            for m in reg.models() for v in reg.versions(m)]
+    if as_json:
+        typer.echo(json.dumps(rows))
+        return
+    typer.echo(f"{'MODEL':<28} {'VERSION':<10} KIND")
+    for row in rows:
+        typer.echo(f"{row['model']:<28} {row['version']:<10} {row['kind']}")
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""The policy and deployments a process acts on, kept current from Redis.
+
+A control message on pub/sub triggers a re-read at once; a periodic re-read every
+``refresh_s`` is the fallback for a missed message. Readers see one immutable snapshot:
+the reference is swapped, never mutated, so a request routes against one policy version.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import redis.asyncio as aioredis
+
+from controlplane.deployments import Deployment, DeploymentStore
+from controlplane.policy import Policy
+from controlplane.policy_store import PolicyStore
+from router import keys
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    policy: Policy
+    deployments: dict[str, Deployment] = field(default_factory=dict)
+
+    def model_version(self, model: str, job_id: str) -> str | None:
+        deployment = self.deployments.get(model)
+        return deployment.pick(job_id) if deployment else None
+
+
+class LiveConfig:
+    def __init__(self, redis: aioredis.Redis, *, refresh_s: float = 1.0) -> None:
+        self.redis = redis
+        self.refresh_s = refresh_s
+        self.policies = PolicyStore(redis)
+        self.deployment_store = DeploymentStore(redis)
+        self._snapshot: Snapshot | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._listeners: list[Callable[[Snapshot], None]] = []
+
+    @property
+    def snapshot(self) -> Snapshot:
+        if self._snapshot is None:
+            raise RuntimeError("LiveConfig.start() has not loaded a policy yet")
+        return self._snapshot
+
+    def on_change(self, listener: Callable[[Snapshot], None]) -> None:
+        self._listeners.append(listener)
+
+    async def reload(self) -> Snapshot:
+        policy = await self.policies.current()
+        if policy is None:
+            raise RuntimeError("no policy in force: apply one (laneway serve --policy FILE)")
+        deployments = await self.deployment_store.all()
+        snapshot = Snapshot(policy, deployments)
+        changed = self._snapshot != snapshot
+        self._snapshot = snapshot
+        if changed:
+            for listener in self._listeners:
+                listener(snapshot)
+        return snapshot
+
+    async def start(self) -> None:
+        await self.reload()
+        self._tasks = [asyncio.create_task(self._listen()), asyncio.create_task(self._poll())]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _listen(self) -> None:
+        pubsub = self.redis.pubsub()
+        await pubsub.subscribe(keys.CONTROL_CHANNEL)
+        try:
+            async for message in pubsub.listen():
+                if message["type"] == "message":
+                    await self._safe_reload()
+        finally:
+            await pubsub.aclose()
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self.refresh_s)
+            await self._safe_reload()
+
+    async def _safe_reload(self) -> None:
+        try:
+            await self.reload()
+        except Exception:  # keep the last good snapshot; the next tick tries again
+            log.exception("could not reload policy/deployments; keeping the last good one")

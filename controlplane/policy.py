@@ -1,0 +1,282 @@
+"""The policy format: typed, frozen models for the YAML in CONTRACT.md.
+
+Unknown keys are errors everywhere. Cross-references (engines, routes, tiers, aliases) are
+checked by :func:`check_references` after the shapes validate, so each error can name its
+path. Loading from YAML with line numbers lives in ``controlplane/policy_loader.py``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from enum import StrEnum
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from router.errors import FieldError
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Intent(StrEnum):
+    draft = "draft"
+    final = "final"
+    auto = "auto"
+
+
+class Mode(StrEnum):
+    txt2img = "txt2img"
+    img2img = "img2img"
+    inpaint = "inpaint"
+
+
+class EngineKind(StrEnum):
+    text2image = "diffusers.text2image"
+    image2image = "diffusers.image2image"
+    inpaint = "diffusers.inpaint"
+    latent_upscale = "diffusers.latent_upscale"
+    upscale = "diffusers.upscale"
+    resize = "resize"
+    sim = "sim"
+    openai_images = "http.openai_images"
+
+
+DIFFUSERS_KINDS = frozenset(
+    {EngineKind.text2image, EngineKind.image2image, EngineKind.inpaint,
+     EngineKind.latent_upscale, EngineKind.upscale}
+)
+
+PositiveInt = Annotated[int, Field(gt=0)]
+
+
+class Limits(Strict):
+    max_pixels: PositiveInt = 1024 * 1024
+    max_n: PositiveInt = 4
+    max_prompt_chars: PositiveInt = 2000
+    max_image_bytes: PositiveInt = 16 * 1024 * 1024
+    default_width: PositiveInt = 1024
+    default_height: PositiveInt = 1024
+
+
+class Tier(Strict):
+    weight: PositiveInt = 1
+    deferrable: bool = False
+
+
+class SimService(Strict):
+    """Service time of a simulated device (``kind: sim``), for capacity planning only."""
+
+    mean_ms: float = Field(gt=0)
+    jitter: float = Field(default=0.1, ge=0, le=1)
+    per_item_ms: float = Field(default=0, ge=0)
+
+
+class Circuit(Strict):
+    failures: PositiveInt = 5
+    window_s: float = Field(default=30, gt=0)
+    cooldown_s: float = Field(default=10, gt=0)
+
+
+class EngineSpec(Strict):
+    kind: EngineKind
+    model: str | None = None
+    steps: PositiveInt | None = None
+    guidance: float | None = Field(default=None, ge=0)
+    strength: float | None = Field(default=None, gt=0, le=1)
+    max_concurrency: PositiveInt = 1
+    max_batch: PositiveInt = 1
+    max_wait_ms: int = Field(default=0, ge=0)
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    compile: bool = False
+    fuse_lora: str | None = None
+    max_loaded_adapters: PositiveInt = 4
+    claim_idle_ms: PositiveInt = 30_000
+    max_attempts: PositiveInt = 3
+    cost_per_device_s: float | None = Field(default=None, ge=0)
+    sim: SimService | None = None
+    base_url: str | None = None
+    api_key_env: str | None = None
+    timeout_s: float = Field(default=60, gt=0)
+    rpm: PositiveInt | None = None
+    cost_per_image: float | None = Field(default=None, ge=0)
+    circuit: Circuit = Circuit()
+
+    @model_validator(mode="after")
+    def _fields_for_kind(self) -> EngineSpec:
+        if self.kind in DIFFUSERS_KINDS and not self.model:
+            raise ValueError(f"engines of kind {self.kind.value} need 'model' (a registry name)")
+        if self.kind is EngineKind.sim and self.sim is None:
+            raise ValueError("engines of kind sim need 'sim: {mean_ms: ...}'")
+        if self.kind is EngineKind.openai_images and not (self.base_url and self.model):
+            raise ValueError("engines of kind http.openai_images need 'base_url' and 'model'")
+        if self.fuse_lora and self.kind not in DIFFUSERS_KINDS:
+            raise ValueError("'fuse_lora' only applies to diffusers engines")
+        return self
+
+    @property
+    def is_local_model(self) -> bool:
+        return self.kind in DIFFUSERS_KINDS
+
+
+class Match(Strict):
+    intent: Intent | None = None
+    has_text: bool | None = None
+    tier: str | None = None
+    mode: Mode | None = None
+    min_pixels: PositiveInt | None = None
+    max_pixels: PositiveInt | None = None
+
+
+class Stage(Strict):
+    engine: str
+    scale: float | None = Field(default=None, gt=0, le=8)
+    size: Literal["native", "target", "scaled"] = "scaled"
+    strength: float | None = Field(default=None, gt=0, le=1)
+    steps: PositiveInt | None = None
+    fallback: tuple[str, ...] = ()
+
+
+class OnFull(StrEnum):
+    reject = "reject"
+    degrade = "degrade"
+    defer = "defer"
+
+
+class Admission(Strict):
+    max_queue: PositiveInt = 1000
+    on_full: OnFull = OnFull.reject
+    degrade_to: str | None = None
+
+    @model_validator(mode="after")
+    def _degrade_needs_target(self) -> Admission:
+        if self.on_full is OnFull.degrade and not self.degrade_to:
+            raise ValueError("on_full: degrade needs 'degrade_to' (a route name)")
+        return self
+
+
+class OnFail(StrEnum):
+    none = "none"
+    regenerate = "regenerate"
+    flag = "flag"
+
+
+class Verify(Strict):
+    typography: bool = False
+    quality: bool = False
+    on_fail: OnFail = OnFail.flag
+    max_attempts: PositiveInt = 2
+    text_threshold: float = Field(default=0.8, ge=0, le=1)
+    min_mean_luma: float = Field(default=4.0, ge=0)
+    min_std_luma: float = Field(default=2.0, ge=0)
+    min_sharpness: float = Field(default=10.0, ge=0)
+    max_aspect_error: float = Field(default=0.02, ge=0)
+    max_size_error_px: int = Field(default=0, ge=0)
+
+
+class Route(Strict):
+    name: str = Field(min_length=1)
+    match: Match = Match()
+    stages: tuple[Stage, ...] = Field(min_length=1)
+    admission: Admission = Admission()
+    verify: Verify | None = None
+    timeout_s: float = Field(default=300, gt=0)
+
+
+class Alias(Strict):
+    intent: Intent | None = None
+    route: str | None = None
+
+    @model_validator(mode="after")
+    def _one_target(self) -> Alias:
+        if (self.intent is None) == (self.route is None):
+            raise ValueError("an alias names exactly one of 'intent' or 'route'")
+        return self
+
+
+class Tenant(Strict):
+    api_key_env: str
+    tiers: tuple[str, ...] = ()
+
+
+class Defer(Strict):
+    max_interactive_depth: int = Field(default=0, ge=0)
+
+
+class Policy(Strict):
+    version: Literal[1] = 1
+    limits: Limits = Limits()
+    tiers: dict[str, Tier] = Field(default_factory=lambda: {"standard": Tier(weight=1)})
+    default_tier: str = "standard"
+    engines: dict[str, EngineSpec] = Field(min_length=1)
+    routes: tuple[Route, ...] = Field(min_length=1)
+    aliases: dict[str, Alias] = Field(default_factory=dict)
+    tenants: dict[str, Tenant] = Field(default_factory=dict)
+    defer: Defer = Defer()
+
+    def canonical_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+
+    @property
+    def version_id(self) -> str:
+        digest = hashlib.sha256(self.canonical_json().encode()).hexdigest()
+        return f"sha256:{digest}"
+
+    def route(self, name: str) -> Route:
+        for route in self.routes:
+            if route.name == name:
+                return route
+        raise KeyError(name)
+
+
+def check_references(policy: Policy) -> list[FieldError]:
+    """Every name a policy uses must exist; return one error per dangling reference."""
+    errors: list[FieldError] = []
+    route_names = [r.name for r in policy.routes]
+    if policy.default_tier not in policy.tiers:
+        errors.append(FieldError("default_tier", "unknown tier", policy.default_tier))
+    for i, route in enumerate(policy.routes):
+        at = f"routes[{i}]"
+        if route_names.count(route.name) > 1:
+            errors.append(FieldError(f"{at}.name", "duplicate route name", route.name))
+        if route.match.tier is not None and route.match.tier not in policy.tiers:
+            errors.append(FieldError(f"{at}.match.tier", "unknown tier", route.match.tier))
+        for j, stage in enumerate(route.stages):
+            if stage.engine not in policy.engines:
+                errors.append(FieldError(f"{at}.stages[{j}].engine", "unknown engine",
+                                         stage.engine))
+            for k, name in enumerate(stage.fallback):
+                if name not in policy.engines:
+                    errors.append(FieldError(f"{at}.stages[{j}].fallback[{k}]",
+                                             "unknown engine", name))
+        degrade_to = route.admission.degrade_to
+        if degrade_to is not None:
+            if degrade_to not in route_names:
+                errors.append(FieldError(f"{at}.admission.degrade_to", "unknown route",
+                                         degrade_to))
+            elif degrade_to == route.name:
+                errors.append(FieldError(f"{at}.admission.degrade_to",
+                                         "a route cannot degrade to itself", degrade_to))
+    for name, alias in policy.aliases.items():
+        if alias.route is not None and alias.route not in route_names:
+            errors.append(FieldError(f"aliases.{name}.route", "unknown route", alias.route))
+    for name, tenant in policy.tenants.items():
+        for k, tier in enumerate(tenant.tiers):
+            if tier not in policy.tiers:
+                errors.append(FieldError(f"tenants.{name}.tiers[{k}]", "unknown tier", tier))
+    return errors
+
+
+def check_models(policy: Policy, known_models: set[str]) -> list[FieldError]:
+    """Every registry model the local engines name must exist in the registry."""
+    errors: list[FieldError] = []
+    for name, spec in policy.engines.items():
+        if spec.is_local_model and spec.model not in known_models:
+            errors.append(FieldError(f"engines.{name}.model", "not in the model registry",
+                                     spec.model))
+        if spec.fuse_lora is not None and spec.fuse_lora not in known_models:
+            errors.append(FieldError(f"engines.{name}.fuse_lora", "not in the model registry",
+                                     spec.fuse_lora))
+    return errors

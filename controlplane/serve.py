@@ -1,0 +1,128 @@
+"""``laneway serve``: the embedded default in one process tree.
+
+Starts (or adopts) the bundled server unless a Redis URL is given, applies the policy,
+makes the tiny models when a tiny policy needs them, starts a worker process for the local
+device, and runs the API in this process. Ctrl-C / SIGTERM stops the API, then the worker
+(it drains), then the bundled server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import redis.asyncio as aioredis
+import uvicorn
+
+from controlplane.deployments import DeploymentStore
+from controlplane.embedded_redis import EmbeddedRedis
+from controlplane.policy import Policy, check_models
+from controlplane.policy_loader import load_policy
+from controlplane.policy_store import PolicyStore
+from controlplane.settings import Settings
+from engines.registry import Registry
+from engines.tiny_models import make_tiny
+from router.errors import PolicyError
+
+log = logging.getLogger("laneway.serve")
+WORKER_DRAIN_S = 30.0
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In a child: receive SIGTERM when the parent dies, so a crashed serve leaves no worker."""
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+@dataclass
+class ServeOptions:
+    policy_path: Path
+    workers: bool = True
+    watch: bool = False
+
+
+def ensure_models(policy: Policy, registry: Registry) -> None:
+    """Build the tiny models when the policy needs them and they are missing."""
+    missing = check_models(policy, set(registry.models()))
+    if not missing:
+        return
+    if all(str(e.value).startswith("tiny-") for e in missing):
+        log.info("building tiny random-weight models in %s", registry.root)
+        make_tiny(registry)
+        missing = check_models(policy, set(registry.models()))
+    if missing:
+        raise PolicyError("the policy names models that are not in the registry "
+                          f"{registry.root}", details=missing)
+
+
+async def publish_policy(redis_url: str, policy: Policy, registry: Registry) -> None:
+    """Put the policy in force and give every model it uses a stable version."""
+    redis = aioredis.Redis.from_url(redis_url)
+    try:
+        await PolicyStore(redis).apply(policy, actor="serve", reason="laneway serve start")
+        deployments = DeploymentStore(redis)
+        for spec in policy.engines.values():
+            if spec.is_local_model and spec.model:
+                latest = registry.latest_version(spec.model)
+                if latest is not None:
+                    await deployments.ensure_stable(spec.model, latest)
+    finally:
+        await redis.aclose()
+
+
+def start_worker(settings: Settings) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "LANEWAY_REDIS_URL": settings.redis_url or ""}
+    return subprocess.Popen(
+        [sys.executable, "-m", "controlplane.cli", "worker", "--device", settings.device],
+        env=env, preexec_fn=_die_with_parent,
+    )
+
+
+def stop_process(process: subprocess.Popen[bytes], *, timeout_s: float) -> None:
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def serve(settings: Settings, options: ServeOptions) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s serve %(levelname)s %(message)s")
+    policy = load_policy(options.policy_path)
+    registry = Registry(settings.registry)
+    ensure_models(policy, registry)
+    embedded: EmbeddedRedis | None = None
+    worker: subprocess.Popen[bytes] | None = None
+    try:
+        if not settings.redis_url:
+            embedded = EmbeddedRedis(settings.embedded_dir)
+            url = embedded.start()
+            log.info("bundled server %s at %s", "reused" if embedded.reused else "started", url)
+            settings = settings.model_copy(update={"redis_url": url})
+        assert settings.redis_url
+        asyncio.run(publish_policy(settings.redis_url, policy, registry))
+        os.environ["LANEWAY_REDIS_URL"] = settings.redis_url
+        if options.workers:
+            worker = start_worker(settings)
+        from router.app import create_app
+
+        log.info("API on http://%s:%d (policy %s)", settings.host, settings.port,
+                 policy.version_id[:19])
+        uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
+                    log_level="warning", access_log=False)
+    finally:
+        if worker is not None:
+            stop_process(worker, timeout_s=WORKER_DRAIN_S)
+        if embedded is not None:
+            embedded.stop()

@@ -1,0 +1,137 @@
+"""Laneway's one error hierarchy, mapped to HTTP in one table (``router/app.py``).
+
+::
+
+    LanewayError
+    ├── ClientError                 4xx: the caller sent something wrong; names field and value
+    │   ├── ValidationFailed        422 (one or more field errors)
+    │   ├── NotFound                404
+    │   ├── Unauthorized            401
+    │   ├── Forbidden               403
+    │   ├── PayloadTooLarge         413
+    │   └── AdmissionRefused        429 with Retry-After
+    ├── RetryableError              transient; carries the delay before the next try
+    │   └── StageTimeout / EngineUnavailable ...
+    └── InternalError               5xx: a bug or a broken deployment
+        ├── NoEngine                503: nothing can serve the route
+        ├── PolicyError             a policy that does not load (field, line, reason)
+        ├── RegistryError           a registry folder that must not be loaded
+        └── StageFailed             an engine raised while running a stage
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class FieldError:
+    """One reason a field was refused: where it is, what was wrong, the bad value."""
+
+    field: str
+    message: str
+    value: Any = None
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"field": self.field, "message": self.message}
+        if self.value is not None:
+            out["value"] = self.value
+        return out
+
+
+class LanewayError(Exception):
+    """Root of every error Laneway raises on purpose."""
+
+    status_code = 500
+    code = "internal_error"
+
+    def __init__(self, message: str, *, details: list[FieldError] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details: list[FieldError] = list(details or [])
+
+    def as_body(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "code": self.code,
+                "message": self.message,
+                "details": [d.as_dict() for d in self.details],
+            }
+        }
+
+
+class ClientError(LanewayError):
+    status_code = 400
+    code = "bad_request"
+
+
+class ValidationFailed(ClientError):
+    status_code = 422
+    code = "invalid_request"
+
+    @classmethod
+    def of(cls, field: str, message: str, value: Any = None) -> ValidationFailed:
+        shown = f" (got {value!r})" if value is not None else ""
+        return cls(f"{field}: {message}{shown}", details=[FieldError(field, message, value)])
+
+
+class NotFound(ClientError):
+    status_code = 404
+    code = "not_found"
+
+
+class Unauthorized(ClientError):
+    status_code = 401
+    code = "unauthorized"
+
+
+class Forbidden(ClientError):
+    status_code = 403
+    code = "forbidden"
+
+
+class PayloadTooLarge(ClientError):
+    status_code = 413
+    code = "payload_too_large"
+
+
+class AdmissionRefused(ClientError):
+    status_code = 429
+    code = "queue_full"
+
+    def __init__(self, message: str, *, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class RetryableError(LanewayError):
+    status_code = 503
+    code = "retryable"
+
+    def __init__(self, message: str, *, delay_s: float = 0.0) -> None:
+        super().__init__(message)
+        self.delay_s = delay_s
+
+
+class InternalError(LanewayError):
+    status_code = 500
+    code = "internal_error"
+
+
+class NoEngine(InternalError):
+    status_code = 503
+    code = "no_engine"
+
+
+class PolicyError(InternalError):
+    code = "invalid_policy"
+    status_code = 422
+
+
+class RegistryError(InternalError):
+    code = "registry_error"
+
+
+class StageFailed(InternalError):
+    code = "stage_failed"

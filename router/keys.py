@@ -1,0 +1,61 @@
+"""Every Redis key, stream and channel name Laneway uses; nothing else spells them."""
+
+from __future__ import annotations
+
+PREFIX = "lw"
+
+#: pub/sub channel carrying finished job records to the API processes that wait on them
+JOB_DONE_CHANNEL = f"{PREFIX}:job-done"
+#: pub/sub channel announcing policy/deployment changes
+CONTROL_CHANNEL = f"{PREFIX}:control"
+
+#: consumer group name on every engine stream
+ENGINE_GROUP = "workers"
+
+
+def job(job_id: str) -> str:
+    return f"{PREFIX}:job:{job_id}"
+
+
+def job_events(job_id: str) -> str:
+    return f"{PREFIX}:job:{job_id}:events"
+
+
+def engine_stream(engine: str, tier: str) -> str:
+    return f"{PREFIX}:lane:{engine}:{tier}"
+
+
+def dead_letter_stream() -> str:
+    return f"{PREFIX}:dead-letter"
+
+
+def policy_current() -> str:
+    return f"{PREFIX}:policy:current"
+
+
+def policy_versions() -> str:
+    return f"{PREFIX}:policy:versions"
+
+
+def worker_heartbeat(worker: str) -> str:
+    return f"{PREFIX}:worker:{worker}"
+
+
+def workers() -> str:
+    return f"{PREFIX}:workers"
+
+
+def idempotency(tenant: str, key: str) -> str:
+    return f"{PREFIX}:idem:{tenant}:{key}"
+
+
+def policy_history() -> str:
+    return f"{PREFIX}:policy:history"
+
+
+def deployment(model: str) -> str:
+    return f"{PREFIX}:deploy:{model}"
+
+
+def deployments() -> str:
+    return f"{PREFIX}:deploys"
