@@ -1,0 +1,51 @@
+"""Building an engine from its policy spec: one builder per engine kind.
+
+``BUILDERS`` is the dispatch table; kinds served outside this module (``sim``,
+``http.openai_images``) add their builder to it where they are defined::
+
+    engine = build_engine(spec, registry=registry, model_version="2", device="cpu")
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from controlplane.policy import EngineKind, EngineSpec
+from engines.base import Engine
+from engines.image2image import Image2ImageEngine, InpaintEngine
+from engines.registry import Registry
+from engines.resize import ResizeEngine
+from engines.text2image import Text2ImageEngine
+from engines.upscalers import LatentUpscaleEngine, X4UpscaleEngine
+from router.errors import NoEngine
+
+EngineBuilder = Callable[[EngineSpec, Registry, str, str], Engine]
+"""``(spec, registry, model_version, device) -> Engine``."""
+
+
+def _diffusers(engine_class: type[Text2ImageEngine] | type[Image2ImageEngine]
+               | type[LatentUpscaleEngine] | type[X4UpscaleEngine]) -> EngineBuilder:
+    def build(spec: EngineSpec, registry: Registry, model_version: str, device: str) -> Engine:
+        return engine_class(spec, registry=registry, model_version=model_version, device=device)
+
+    return build
+
+
+BUILDERS: dict[EngineKind, EngineBuilder] = {
+    EngineKind.text2image: _diffusers(Text2ImageEngine),
+    EngineKind.image2image: _diffusers(Image2ImageEngine),
+    EngineKind.inpaint: _diffusers(InpaintEngine),
+    EngineKind.latent_upscale: _diffusers(LatentUpscaleEngine),
+    EngineKind.upscale: _diffusers(X4UpscaleEngine),
+    EngineKind.resize: lambda spec, registry, model_version, device: ResizeEngine(spec),
+}
+
+
+def build_engine(spec: EngineSpec, *, registry: Registry, model_version: str,
+                 device: str) -> Engine:
+    """The engine for ``spec``, loaded from ``registry`` at ``model_version`` on ``device``."""
+    builder = BUILDERS.get(spec.kind)
+    if builder is None:
+        raise NoEngine(f"no engine builder for kind {spec.kind.value} "
+                       f"(known: {', '.join(sorted(k.value for k in BUILDERS))})")
+    return builder(spec, registry, model_version, device)

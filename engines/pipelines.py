@@ -1,0 +1,283 @@
+"""Loading diffusers pipelines from the registry, once per process, and handing out per-slot views.
+
+Weights are loaded once per (model, version, dtype, fused adapter) and shared: every engine
+gets its own pipeline object made with ``from_pipe`` and its own scheduler copy, because a
+scheduler holds per-call state and is not safe to share across concurrent calls.
+
+LoRA adapters are state on the shared modules, so engines sharing weights share one
+:class:`~engines.adapters.AdapterCache` and one :class:`SharedLock`: runs without an adapter
+take it shared and run side by side; runs with an adapter take it exclusively.
+"""
+
+from __future__ import annotations
+
+import abc
+import copy
+import threading
+from collections.abc import Callable, Hashable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import diffusers
+import torch
+import transformers
+from diffusers import DiffusionPipeline
+from PIL import Image
+
+from controlplane.policy import EngineSpec
+from engines.adapters import LORA_WEIGHT_NAME, AdapterCache, lora_path
+from engines.base import Engine, StageItem
+from engines.registry import ModelKind, Registry
+from router.errors import RegistryError, StageFailed, ValidationFailed
+
+DType = Literal["float32", "float16", "bfloat16"]
+
+TORCH_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def check_device_dtype(engine: str, device: str, dtype: str) -> torch.dtype:
+    """The torch dtype for ``dtype`` on ``device``, or an error naming the engine.
+
+    float16 is refused on CPU (many CPU kernels lack it, and what exists is slower than
+    float32); bfloat16 runs on CPU, which torch supports, and on CUDA devices that have it.
+    """
+    if dtype not in TORCH_DTYPES:
+        raise ValidationFailed.of(f"engines.{engine}.dtype", "unknown dtype", dtype)
+    kind = torch.device(device).type
+    if kind == "cpu" and dtype == "float16":
+        raise ValidationFailed.of(f"engines.{engine}.dtype",
+                                  "float16 is not supported on device cpu", dtype)
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise ValidationFailed.of(f"engines.{engine}", "CUDA is not available", device)
+        if dtype == "bfloat16" and not torch.cuda.is_bf16_supported():
+            raise ValidationFailed.of(f"engines.{engine}.dtype",
+                                      f"bfloat16 is not supported on {device}", dtype)
+    elif kind != "cpu":
+        raise ValidationFailed.of(f"engines.{engine}", "unsupported device", device)
+    return TORCH_DTYPES[dtype]
+
+
+class SharedLock:
+    """A readers-writer lock: many holders in shared mode, or one in exclusive mode."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writer = False
+
+    @contextmanager
+    def hold(self, *, exclusive: bool) -> Iterator[None]:
+        with self._cond:
+            if exclusive:
+                self._cond.wait_for(lambda: not self._writer and self._readers == 0)
+                self._writer = True
+            else:
+                self._cond.wait_for(lambda: not self._writer)
+                self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                if exclusive:
+                    self._writer = False
+                else:
+                    self._readers -= 1
+                self._cond.notify_all()
+
+
+@dataclass
+class Loaded:
+    """One set of loaded weights and what the engines using it share."""
+
+    key: tuple[str, str, str, str | None, str]
+    pipe: DiffusionPipeline
+    lock: SharedLock = field(default_factory=SharedLock)
+    users: int = 0
+    #: the adapter cache of these weights, made by the first engine that uses them
+    adapters: AdapterCache | None = None
+
+
+_loaded: dict[tuple[str, str, str, str | None, str], Loaded] = {}
+_loaded_guard = threading.Lock()
+
+
+def quiet() -> None:
+    """Silence load reports and progress bars; engines log their own progress."""
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+
+
+def acquire(registry: Registry, model: str, version: str, *, kind: ModelKind,
+            pipeline_class: type[DiffusionPipeline], dtype: torch.dtype, device: str,
+            fuse_lora: str | None = None) -> Loaded:
+    """The process-wide weights for ``model``/``version``, loading them on first use.
+
+    ``fuse_lora`` names a registry LoRA (its latest version) fused into the weights at load
+    time; fused weights are a different entry from the plain ones.
+    """
+    manifest = registry.manifest(model, version)
+    if manifest.kind != kind:
+        raise RegistryError(f"{model} version {version}: kind {manifest.kind}, "
+                            f"this engine needs kind {kind}")
+    fused = None
+    if fuse_lora is not None:
+        fused_version = registry.latest_version(fuse_lora)
+        if fused_version is None:
+            raise RegistryError(f"fuse_lora {fuse_lora}: no version in the registry")
+        fused = f"{fuse_lora}/{fused_version}"
+    key = (model, version, str(dtype), fused, device)
+    with _loaded_guard:
+        entry = _loaded.get(key)
+        if entry is None:
+            quiet()
+            path = registry.verified_path(model, version)
+            pipe = pipeline_class.from_pretrained(path, dtype=dtype, use_safetensors=True)
+            pipe.to(device)
+            if fuse_lora is not None and fused is not None:
+                _fuse(registry, pipe, fuse_lora, fused.split("/", 1)[1], base=model)
+            entry = _loaded[key] = Loaded(key=key, pipe=pipe)
+        entry.users += 1
+        return entry
+
+
+def release(entry: Loaded) -> None:
+    """Drop one user; the weights are freed when the last engine using them closes."""
+    with _loaded_guard:
+        entry.users -= 1
+        if entry.users <= 0 and _loaded.get(entry.key) is entry:
+            del _loaded[entry.key]
+
+
+def view(entry: Loaded, pipeline_class: Any) -> DiffusionPipeline:
+    """A new pipeline object over ``entry``'s weights with private scheduler copies."""
+    schedulers = {name: copy.deepcopy(component)
+                  for name, component in entry.pipe.components.items()
+                  if name.endswith("scheduler")}
+    pipe = pipeline_class.from_pipe(entry.pipe, **schedulers)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _fuse(registry: Registry, pipe: DiffusionPipeline, adapter: str, version: str, *,
+          base: str) -> None:
+    name = f"fused-{adapter}"
+    pipe.load_lora_weights(lora_path(registry, adapter, version, base=base),
+                           adapter_name=name, weight_name=LORA_WEIGHT_NAME)
+    pipe.fuse_lora(adapter_names=[name])
+    pipe.unload_lora_weights()
+
+
+def groups(items: list[StageItem], key: Callable[[StageItem], Hashable]) -> list[list[int]]:
+    """Indices of ``items`` grouped by ``key``, groups in order of first appearance."""
+    by_key: dict[Hashable, list[int]] = {}
+    for i, item in enumerate(items):
+        by_key.setdefault(key(item), []).append(i)
+    return list(by_key.values())
+
+
+def generators(seed: int, count: int) -> list[torch.Generator]:
+    """CPU generators seeded ``seed, seed+1, …``: a seed gives the same noise on any device."""
+    return [torch.Generator("cpu").manual_seed(seed + k) for k in range(count)]
+
+
+class DiffusersEngine(Engine):
+    """An engine over a registry model: shared weights, its own pipeline view and scheduler.
+
+    Subclasses name the model ``family``, the ``load_class`` whose weights are cached per
+    process, the ``view_class`` they call, how items group into one call, and the call.
+    """
+
+    family: ClassVar[ModelKind]
+    load_class: ClassVar[type[DiffusionPipeline]]
+    #: a pipeline class or an ``AutoPipelineFor…`` class, used through ``from_pipe``
+    view_class: ClassVar[Any]
+    default_steps: ClassVar[int]
+    default_guidance: ClassVar[float]
+
+    def __init__(self, spec: EngineSpec, *, registry: Registry, model_version: str,
+                 device: str) -> None:
+        if spec.model is None:
+            raise ValidationFailed.of("engines.model", f"{spec.kind.value} needs a model", None)
+        self.spec = spec
+        self.model = spec.model
+        self.model_version = model_version
+        self.device = device
+        self.label = f"{spec.kind.value}:{spec.model}"
+        dtype = check_device_dtype(self.label, device, spec.dtype)
+        self._entry: Loaded | None = acquire(
+            registry, spec.model, model_version, kind=self.family, pipeline_class=self.load_class,
+            dtype=dtype, device=device, fuse_lora=spec.fuse_lora)
+        if self._entry.adapters is None:
+            self._entry.adapters = AdapterCache(registry, base_model=spec.model,
+                                                capacity=spec.max_loaded_adapters)
+        self.adapters: AdapterCache = self._entry.adapters
+        # engines sharing weights share adapters: the largest capacity asked for holds
+        self.adapters.capacity = max(self.adapters.capacity, spec.max_loaded_adapters)
+        self.pipe = view(self._entry, self.view_class)
+        if spec.compile:
+            # wraps this engine's view only; the shared module stays uncompiled
+            self.pipe.unet = torch.compile(self.pipe.unet)
+
+    def steps(self, item: StageItem) -> int:
+        return item.steps or self.spec.steps or self.default_steps
+
+    def guidance(self, item: StageItem) -> float:
+        if item.guidance is not None:
+            return item.guidance
+        return self.spec.guidance if self.spec.guidance is not None else self.default_guidance
+
+    def group_key(self, item: StageItem) -> Hashable:
+        """Items with equal keys go into one pipeline call."""
+        return (item.lora, self.steps(item), self.guidance(item))
+
+    @abc.abstractmethod
+    def call(self, items: list[StageItem]) -> list[list[Image.Image]]:
+        """One pipeline call for items that share a group key."""
+
+    def run(self, items: list[StageItem]) -> list[list[Image.Image]]:
+        if self._entry is None:
+            raise StageFailed(f"{self.label}: engine is closed")
+        out: list[list[Image.Image]] = [[] for _ in items]
+        for group in groups(items, self.group_key):
+            lora = items[group[0]].lora
+            with (self._entry.lock.hold(exclusive=lora is not None),
+                  self.adapters.activate(self.pipe, lora)):
+                results = self.call([items[i] for i in group])
+            if len(results) != len(group):
+                raise StageFailed(f"{self.label}: {len(results)} results for {len(group)} items")
+            for i, images in zip(group, results, strict=True):
+                out[i] = images
+        return out
+
+    def close(self) -> None:
+        if self._entry is not None:
+            release(self._entry)
+            self._entry = None
+
+
+def step_end_callback(items: list[StageItem]) -> Callable[..., dict[str, Any]]:
+    """A ``callback_on_step_end`` reporting ``(step, steps)`` to every item of a call."""
+
+    def on_step_end(pipe: DiffusionPipeline, step: int, timestep: Any,
+                    kwargs: dict[str, Any]) -> dict[str, Any]:
+        for item in items:
+            item.on_step(step + 1, pipe.num_timesteps)
+        return kwargs
+
+    return on_step_end
+
+
+def split(images: list[Image.Image], counts: list[int]) -> list[list[Image.Image]]:
+    """Cut a flat list of a call's images into one list per item."""
+    if len(images) != sum(counts):
+        raise StageFailed(f"pipeline returned {len(images)} images, expected {sum(counts)}")
+    out, start = [], 0
+    for count in counts:
+        out.append(images[start:start + count])
+        start += count
+    return out
