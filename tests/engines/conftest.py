@@ -52,6 +52,11 @@ def same(a: Image.Image, b: Image.Image) -> bool:
     return a.size == b.size and np.array_equal(pixels(a), pixels(b))
 
 
+def max_diff(a: Image.Image, b: Image.Image) -> int:
+    assert a.size == b.size
+    return int(np.abs(pixels(a) - pixels(b)).max())
+
+
 @pytest.fixture
 def source_image() -> Image.Image:
     rng = np.random.default_rng(0)
