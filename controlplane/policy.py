@@ -168,7 +168,7 @@ class Verify(Strict):
     quality: bool = False
     on_fail: OnFail = OnFail.flag
     max_attempts: PositiveInt = 2
-    text_threshold: float = Field(default=0.8, ge=0, le=1)
+    text_threshold: float = Field(default=1.0, ge=0, le=1)
     min_mean_luma: float = Field(default=4.0, ge=0)
     min_std_luma: float = Field(default=2.0, ge=0)
     min_sharpness: float = Field(default=10.0, ge=0)
