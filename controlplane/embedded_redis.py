@@ -7,6 +7,7 @@ behind by a crashed run is reused when it still answers, and cleaned up when it 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -132,10 +133,8 @@ class EmbeddedRedis:
         """Stop the server (it rewrites nothing: the AOF is already on disk) and forget it."""
         if self.pid is None:
             return
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(self.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
         deadline = time.monotonic() + STOP_TIMEOUT_S
         while _alive(self.pid) and time.monotonic() < deadline:
             _reap(self.pid)
@@ -149,7 +148,5 @@ class EmbeddedRedis:
 
 def _reap(pid: int) -> None:
     """Collect our child's exit status so it does not linger as a zombie."""
-    try:
+    with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass

@@ -97,7 +97,23 @@ def stop_process(process: subprocess.Popen[bytes], *, timeout_s: float) -> None:
         process.wait()
 
 
+class _StopRequested(Exception):
+    """Raised by our SIGTERM handler, which uvicorn calls again after its own shutdown."""
+
+
+def _raise_stop(signum: int, frame: object) -> None:
+    raise _StopRequested(signal.Signals(signum).name)
+
+
 def serve(settings: Settings, options: ServeOptions) -> None:
+    signal.signal(signal.SIGTERM, _raise_stop)
+    try:
+        _serve(settings, options)
+    except (_StopRequested, KeyboardInterrupt):
+        log.info("stopped")
+
+
+def _serve(settings: Settings, options: ServeOptions) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s serve %(levelname)s %(message)s")
     policy = load_policy(options.policy_path)
     registry = Registry(settings.registry)

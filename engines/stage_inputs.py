@@ -28,6 +28,12 @@ def stage_size(job: Job, policy: Policy, stage_index: int) -> tuple[int, int]:
     return target
 
 
+def stage_steps(job: Job, policy: Policy, stage_index: int) -> int | None:
+    """Denoising steps of a stage: the route stage's own, else its engine's."""
+    stage = policy.route(job.route).stages[stage_index]
+    return stage.steps or policy.engines[stage.engine].steps
+
+
 def build_item(job: Job, policy: Policy, stage_index: int, artifacts: ArtifactStore,
                *, on_step: StepCallback) -> StageItem:
     route = policy.route(job.route)
@@ -54,7 +60,7 @@ def build_item(job: Job, policy: Policy, stage_index: int, artifacts: ArtifactSt
         height=height,
         seed=request.seed,
         n=request.n,
-        steps=stage.steps or spec.steps,
+        steps=stage_steps(job, policy, stage_index),
         guidance=spec.guidance,
         strength=stage.strength or request.strength or spec.strength,
         images=images,

@@ -31,7 +31,7 @@ from engines.artifacts import ArtifactStore
 from engines.base import Engine
 from engines.factory import build_engine
 from engines.registry import Registry
-from engines.stage_inputs import build_item
+from engines.stage_inputs import build_item, stage_steps
 from router import keys
 from router.jobs import ImageRef, Job, JobStatus, JobStore, StageStatus, now_ms, utc_now
 from router.queue import StageMessage, add_event, enqueue_stage
@@ -210,7 +210,8 @@ class Worker:
                         "laneway.worker": self.name},
         ) as span:
             started_ms = now_ms()
-            job = await self._start(job, message, started_ms)
+            job = await self._start(job, message, started_ms,
+                                    stage_steps(job, policy, message.stage))
             try:
                 images = await self._run(slot, job, policy, message.stage)
                 self._store(job, message.stage, images, last=self._is_last(job, message.stage))
@@ -227,7 +228,8 @@ class Worker:
     def _is_last(job: Job, stage: int) -> bool:
         return stage == len(job.stages) - 1
 
-    async def _start(self, job: Job, message: StageMessage, started_ms: int) -> Job:
+    async def _start(self, job: Job, message: StageMessage, started_ms: int,
+                     steps: int | None) -> Job:
         def change(j: Job) -> None:
             record = j.stages[message.stage]
             if j.status is JobStatus.queued:
@@ -235,6 +237,7 @@ class Worker:
             record.status = StageStatus.running
             record.worker = self.name
             record.attempts += 1
+            record.steps = steps
             record.started_at = utc_now()
             record.queued_ms = max(0, started_ms - message.enqueued_ms)
             j.current_stage = message.stage

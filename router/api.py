@@ -14,7 +14,6 @@ from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.enums import MediaType
 from litestar.response import File
-from PIL import Image
 
 from controlplane.live_config import LiveConfig
 from controlplane.settings import Settings

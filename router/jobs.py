@@ -96,6 +96,7 @@ class StageRecord(BaseModel):
     queued_ms: int | None = None
     run_ms: int | None = None
     batch_size: int | None = None
+    steps: int | None = None
     started_at: str | None = None
     finished_at: str | None = None
     enqueued_at_ms: int | None = None

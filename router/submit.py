@@ -15,6 +15,7 @@ from opentelemetry.trace import Status, StatusCode
 from controlplane.live_config import LiveConfig, Snapshot
 from controlplane.policy import Mode, Route
 from engines.artifacts import ArtifactStore
+from router import keys
 from router.errors import FieldError, LanewayError
 from router.image_input import decode_image
 from router.jobs import Job, JobRequest, LoraRequest, StageRecord, StageStatus, now_ms
@@ -22,7 +23,6 @@ from router.queue import add_event, enqueue_stage
 from router.requests import ImageRequest, check_against_policy, raise_if_any
 from router.routing import RequestFacts, choose_route
 from router.telemetry import current_carrier, current_trace_id, tracer
-from router import keys
 
 _tracer = tracer("laneway.router")
 

@@ -1,0 +1,44 @@
+"""Shared fixtures: the bundled Valkey server, a tiny model registry, a running service."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+import torch
+
+from controlplane.embedded_redis import EmbeddedRedis
+from engines.registry import Registry
+from engines.tiny_models import make_tiny
+
+torch.set_num_threads(1)
+
+POLICIES = Path(__file__).parent / "policies"
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def tiny_registry(tmp_path_factory: pytest.TempPathFactory) -> Registry:
+    """The tiny random-weight models, built once per test session."""
+    registry = Registry(tmp_path_factory.mktemp("registry"))
+    make_tiny(registry)
+    return registry
+
+
+@pytest.fixture(scope="session")
+def valkey(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedRedis]:
+    server = EmbeddedRedis(tmp_path_factory.mktemp("valkey"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(valkey: EmbeddedRedis) -> str:
+    """A URL to the bundled server, emptied before the test."""
+    client = redis.Redis.from_url(valkey.url)
+    client.flushall()
+    client.close()
+    return valkey.url

@@ -1,0 +1,218 @@
+"""End to end through ``laneway serve``: routing, validation, caps, failures, traces."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from io import BytesIO
+
+import pytest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from PIL import Image
+
+from engines.registry import Registry
+from tests.conftest import POLICIES
+from tests.service import Service
+
+SPINE_POLICY = POLICIES / "spine.yaml"
+
+
+class SpanCollector:
+    """A minimal OTLP/HTTP trace receiver on loopback that keeps every span it gets."""
+
+    def __init__(self) -> None:
+        self.spans: list[dict[str, str]] = []
+        collector = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (http.server API)
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                request = ExportTraceServiceRequest.FromString(body)
+                for resource_spans in request.resource_spans:
+                    service = next((a.value.string_value for a in resource_spans.resource
+                                    .attributes if a.key == "service.name"), "")
+                    for scope in resource_spans.scope_spans:
+                        for span in scope.spans:
+                            collector.spans.append({
+                                "service": service, "name": span.name,
+                                "trace_id": span.trace_id.hex(),
+                                "span_id": span.span_id.hex(),
+                                "parent": span.parent_span_id.hex(),
+                            })
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                return None
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture(scope="module")
+def collector() -> Iterator[SpanCollector]:
+    spans = SpanCollector()
+    yield spans
+    spans.close()
+
+
+@pytest.fixture(scope="module")
+def service(tiny_registry: Registry, tmp_path_factory: pytest.TempPathFactory,
+            collector: SpanCollector) -> Iterator[Service]:
+    broken = tiny_registry.root / "tiny-broken" / "1"
+    if not broken.exists():
+        tiny_registry.register("tiny-broken", "1", tiny_registry.verified_path("tiny-sdxl", "1"),
+                               kind="sdxl", notes="weights tampered with by the test")
+        weight = next(broken.rglob("*.safetensors"))
+        weight.write_bytes(weight.read_bytes()[:-16] + b"\0" * 16)
+    svc = Service(home=tmp_path_factory.mktemp("spine"), registry=tiny_registry.root,
+                  policy=SPINE_POLICY, extra_env={
+                      "OTEL_TRACES_EXPORTER": "otlp",
+                      "OTEL_EXPORTER_OTLP_ENDPOINT": collector.endpoint,
+                      "OTEL_BSP_SCHEDULE_DELAY": "100"})
+    svc.start()
+    yield svc
+    svc.stop()
+
+
+def submit(service: Service, **body: object) -> dict:
+    with service.client() as client:
+        response = client.post("/v1/images", json={"prompt": "a lighthouse", **body})
+    assert response.status_code in (200, 202), response.text
+    return response.json()
+
+
+def test_draft_returns_an_image_of_the_requested_size(service: Service) -> None:
+    job = submit(service, intent="draft", width=64, height=48, wait=30)
+    assert job["status"] == "completed", job
+    with service.client() as client:
+        png = client.get(job["images"][0]["url"])
+    assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+    image = Image.open(BytesIO(png.content))
+    assert image.size == (64, 48)
+    assert image.text["laneway:policy_version"] == job["policy_version"]
+    assert image.text["laneway:seed"] == str(job["seed"])
+
+
+@pytest.mark.parametrize(("body", "route", "engine", "steps"), [
+    ({"intent": "draft"}, "fast_draft", "turbo", 2),
+    ({"intent": "final"}, "final_render", "base", 6),
+    ({"intent": "auto", "prompt": 'a poster that says "OPEN"'}, "auto_text", "base", 3),
+    ({"intent": "auto", "width": 128, "height": 128}, "auto_large", "base", 6),
+    ({"intent": "auto"}, "auto_default", "turbo", 2),
+])
+def test_intent_picks_the_route_engine_and_steps(service: Service, body: dict, route: str,
+                                                 engine: str, steps: int) -> None:
+    job = submit(service, wait=30, **body)
+    assert job["status"] == "completed", job
+    assert job["route"] == route
+    (stage,) = job["stages"]
+    assert (stage["engine"], stage["steps"]) == (engine, steps)
+    assert stage["model_version"] and job["policy_version"].startswith("sha256:")
+    with service.client() as client:
+        routes = client.get("/v1/routes").json()
+    assert routes["policy_version"] == job["policy_version"]
+
+
+def _max_overlap(intervals: list[tuple[datetime, datetime]]) -> int:
+    edges = sorted([(start, 1) for start, _ in intervals] + [(end, -1) for _, end in intervals],
+                   key=lambda e: (e[0], e[1]))
+    current = peak = 0
+    for _, delta in edges:
+        current += delta
+        peak = max(peak, current)
+    return peak
+
+
+def test_concurrency_never_exceeds_the_engine_cap(service: Service) -> None:
+    bodies = [{"intent": "draft", "n": 2}] * 12 + [{"intent": "final"}] * 4
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        jobs = list(pool.map(lambda b: submit(service, wait=120, **b), bodies))
+    per_engine: dict[tuple[str, str], list[tuple[datetime, datetime]]] = {}
+    for job in jobs:
+        assert job["status"] == "completed", job
+        stage = job["stages"][0]
+        per_engine.setdefault((stage["engine"], stage["worker"]), []).append(
+            (datetime.fromisoformat(stage["started_at"]),
+             datetime.fromisoformat(stage["finished_at"])))
+    caps = {"turbo": 2, "base": 1}
+    for (engine, _worker), intervals in per_engine.items():
+        assert _max_overlap(intervals) <= caps[engine]
+    # the cap is also reached: turbo really ran two stages side by side
+    turbo = [iv for (engine, _), ivs in per_engine.items() if engine == "turbo" for iv in ivs]
+    assert _max_overlap(turbo) == 2
+
+
+@pytest.mark.parametrize(("body", "field"), [
+    ({"prompt": ""}, "prompt"),
+    ({"prompt": "x" * 201}, "prompt"),
+    ({"width": 60}, "width"),
+    ({"height": 0}, "height"),
+    ({"width": 1024, "height": 1024}, "width"),
+    ({"n": 0}, "n"),
+    ({"n": 5}, "n"),
+    ({"intent": "sketch"}, "intent"),
+    ({"tier": "gold"}, "tier"),
+    ({"mode": "outpaint"}, "mode"),
+    ({"mode": "img2img"}, "image"),
+    ({"colour": "red"}, "colour"),
+    ({"width": "wide"}, "width"),
+])
+def test_invalid_requests_name_the_field(service: Service, body: dict, field: str) -> None:
+    with service.client() as client:
+        response = client.post("/v1/images", json={"prompt": "a lighthouse", **body})
+    assert 400 <= response.status_code < 500, response.text
+    error = response.json()["error"]
+    assert field in [d["field"] for d in error["details"]]
+    assert field in error["message"]
+
+
+def test_unknown_job_is_404(service: Service) -> None:
+    with service.client() as client:
+        response = client.get("/v1/jobs/j_does_not_exist")
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "not_found"
+
+
+def test_a_stage_that_raises_fails_the_job_with_the_error(service: Service) -> None:
+    job = submit(service, tier="doomed", wait=30)
+    assert job["status"] == "failed"
+    assert "checksum" in job["error"] or "sha256" in job["error"], job["error"]
+    assert job["stages"][0]["status"] == "failed"
+    assert job["stages"][0]["error"]
+
+
+def test_one_trace_spans_the_api_and_the_worker(service: Service,
+                                                collector: SpanCollector) -> None:
+    job = submit(service, intent="draft", wait=30)
+    assert job["status"] == "completed" and job["trace_id"]
+    deadline = 50
+    for _ in range(deadline):
+        spans = [s for s in collector.spans if s["trace_id"] == job["trace_id"]]
+        if any(s["name"] == "laneway.stage" for s in spans):
+            break
+        threading.Event().wait(0.2)
+    by_name = {s["name"]: s for s in spans}
+    assert {"laneway.route", "laneway.enqueue", "laneway.stage"} <= set(by_name)
+    assert by_name["laneway.stage"]["service"] == "laneway-worker"
+    assert by_name["laneway.route"]["service"] == "laneway-router"
+    http_spans = [s for s in spans if s["service"] == "laneway-router" and not s["parent"]]
+    assert http_spans, "the HTTP request span is the trace's root"
+
+
+def test_openapi_schema_is_served(service: Service) -> None:
+    with service.client() as client:
+        schema = client.get("/schema/openapi.json").json()
+    assert "/v1/images" in schema["paths"]
