@@ -39,6 +39,7 @@ from transformers import (
 )
 
 from engines.adapters import LORA_WEIGHT_NAME
+from engines.pipelines import quiet
 from engines.registry import Manifest, ModelKind, Registry
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
@@ -187,6 +188,7 @@ _TINY: list[tuple[str, str, ModelKind, str | None, _Build]] = [
 def make_tiny(registry: Registry) -> list[Manifest]:
     """Build and register every tiny model missing from ``registry``; return all manifests."""
     manifests = []
+    quiet()
     with tempfile.TemporaryDirectory(prefix="laneway-tiny-") as tmp:
         work = Path(tmp)
         tokenizer: CLIPTokenizer | None = None
