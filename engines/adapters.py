@@ -14,9 +14,9 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import transformers
-from diffusers import DiffusionPipeline
 
 from engines.base import LoraRef
 from engines.registry import Registry
@@ -58,7 +58,7 @@ class AdapterCache:
         return list(self._loaded)
 
     @contextmanager
-    def activate(self, pipe: DiffusionPipeline, lora: LoraRef | None) -> Iterator[None]:
+    def activate(self, pipe: Any, lora: LoraRef | None) -> Iterator[None]:
         """Run the body with ``lora`` active on ``pipe`` (or no adapter); always clean up.
 
         The caller holds the weights' lock exclusively when ``lora`` is set
@@ -75,7 +75,7 @@ class AdapterCache:
         finally:
             pipe.disable_lora()
 
-    def _ensure_loaded(self, pipe: DiffusionPipeline, lora: LoraRef) -> str:
+    def _ensure_loaded(self, pipe: Any, lora: LoraRef) -> str:
         name = adapter_name(lora)
         if name in self._loaded:
             self._loaded.move_to_end(name)

@@ -9,7 +9,7 @@ item gets ``n`` images seeded ``seed, seed+1, …``.
 from __future__ import annotations
 
 from collections.abc import Hashable
-from typing import Any
+from typing import Any, ClassVar
 
 from diffusers import (
     AutoPipelineForImage2Image,
@@ -26,7 +26,7 @@ from router.errors import StageFailed
 class Image2ImageEngine(DiffusersEngine):
     family = "sdxl"
     load_class = StableDiffusionXLPipeline
-    view_class = AutoPipelineForImage2Image
+    view_class: ClassVar[Any] = AutoPipelineForImage2Image
     default_steps = 30
     default_guidance = 5.0
     default_strength = 0.5

@@ -17,12 +17,11 @@ import threading
 from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import diffusers
 import torch
 import transformers
-from diffusers import DiffusionPipeline
 from PIL import Image
 
 from controlplane.policy import EngineSpec
@@ -31,7 +30,9 @@ from engines.base import Engine, StageItem
 from engines.registry import ModelKind, Registry
 from router.errors import RegistryError, StageFailed, ValidationFailed
 
-DType = Literal["float32", "float16", "bfloat16"]
+#: A diffusers pipeline. LoRA methods and components come from per-family mixins that
+#: ``DiffusionPipeline`` does not declare, so pipelines are typed loosely.
+Pipeline = Any
 
 TORCH_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -93,7 +94,7 @@ class Loaded:
     """One set of loaded weights and what the engines using it share."""
 
     key: tuple[str, str, str, str | None, str]
-    pipe: DiffusionPipeline
+    pipe: Pipeline
     lock: SharedLock = field(default_factory=SharedLock)
     users: int = 0
     #: the adapter cache of these weights, made by the first engine that uses them
@@ -113,7 +114,7 @@ def quiet() -> None:
 
 
 def acquire(registry: Registry, model: str, version: str, *, kind: ModelKind,
-            pipeline_class: type[DiffusionPipeline], dtype: torch.dtype, device: str,
+            pipeline_class: Any, dtype: torch.dtype, device: str,
             fuse_lora: str | None = None) -> Loaded:
     """The process-wide weights for ``model``/``version``, loading them on first use.
 
@@ -153,7 +154,7 @@ def release(entry: Loaded) -> None:
             del _loaded[entry.key]
 
 
-def view(entry: Loaded, pipeline_class: Any) -> DiffusionPipeline:
+def view(entry: Loaded, pipeline_class: Any) -> Pipeline:
     """A new pipeline object over ``entry``'s weights with private scheduler copies."""
     schedulers = {name: copy.deepcopy(component)
                   for name, component in entry.pipe.components.items()
@@ -163,7 +164,7 @@ def view(entry: Loaded, pipeline_class: Any) -> DiffusionPipeline:
     return pipe
 
 
-def _fuse(registry: Registry, pipe: DiffusionPipeline, adapter: str, version: str, *,
+def _fuse(registry: Registry, pipe: Pipeline, adapter: str, version: str, *,
           base: str) -> None:
     name = f"fused-{adapter}"
     pipe.load_lora_weights(lora_path(registry, adapter, version, base=base),
@@ -193,7 +194,7 @@ class DiffusersEngine(Engine):
     """
 
     family: ClassVar[ModelKind]
-    load_class: ClassVar[type[DiffusionPipeline]]
+    load_class: ClassVar[Any]
     #: a pipeline class or an ``AutoPipelineFor…`` class, used through ``from_pipe``
     view_class: ClassVar[Any]
     default_steps: ClassVar[int]
@@ -218,7 +219,7 @@ class DiffusersEngine(Engine):
         self.adapters: AdapterCache = self._entry.adapters
         # engines sharing weights share adapters: the largest capacity asked for holds
         self.adapters.capacity = max(self.adapters.capacity, spec.max_loaded_adapters)
-        self.pipe = view(self._entry, self.view_class)
+        self.pipe: Pipeline = view(self._entry, self.view_class)
         if spec.compile:
             # wraps this engine's view only; the shared module stays uncompiled
             self.pipe.unet = torch.compile(self.pipe.unet)
@@ -263,7 +264,7 @@ class DiffusersEngine(Engine):
 def step_end_callback(items: list[StageItem]) -> Callable[..., dict[str, Any]]:
     """A ``callback_on_step_end`` reporting ``(step, steps)`` to every item of a call."""
 
-    def on_step_end(pipe: DiffusionPipeline, step: int, timestep: Any,
+    def on_step_end(pipe: Pipeline, step: int, timestep: Any,
                     kwargs: dict[str, Any]) -> dict[str, Any]:
         for item in items:
             item.on_step(step + 1, pipe.num_timesteps)

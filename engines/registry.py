@@ -27,6 +27,7 @@ MANIFEST_NAME = "laneway.json"
 PICKLE_SUFFIXES = frozenset({".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle"})
 
 ModelKind = Literal["sdxl", "sd-latent-upscale", "sd-x4-upscale", "lora"]
+WeightDType = Literal["float32", "float16", "bfloat16"]
 
 
 class Manifest(BaseModel):
@@ -38,7 +39,7 @@ class Manifest(BaseModel):
     version: str
     kind: ModelKind
     base_model: str | None = None
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    dtype: WeightDType = "float32"
     files: dict[str, str]
     created_at: str
     notes: str = ""
@@ -119,13 +120,13 @@ class Registry:
         manifest = self.manifest(model, version)
         for rel in _pickled(folder):
             raise RegistryError(f"{model} version {version}: refusing pickle-format file {rel}")
-        for rel, expected in manifest.files.items():
-            path = folder / rel
+        for name, expected in manifest.files.items():
+            path = folder / name
             if not path.is_file():
-                raise RegistryError(f"{model} version {version}: missing file {rel}")
+                raise RegistryError(f"{model} version {version}: missing file {name}")
             actual = _sha256(path)
             if actual != expected:
-                raise RegistryError(f"{model} version {version}: checksum mismatch for {rel} "
+                raise RegistryError(f"{model} version {version}: checksum mismatch for {name} "
                                     f"(manifest {expected[:12]}…, file {actual[:12]}…)")
         unlisted = [str(rel) for rel in _files(folder) if str(rel) not in manifest.files]
         if unlisted:
@@ -136,7 +137,7 @@ class Registry:
         return folder
 
     def register(self, name: str, version: str, source_dir: Path, *, kind: ModelKind,
-                 base_model: str | None = None, dtype: str = "float32", notes: str = "",
+                 base_model: str | None = None, dtype: WeightDType = "float32", notes: str = "",
                  link: bool = False) -> Manifest:
         """Copy (or symlink each file of, with ``link``) a diffusers folder in as NAME/VERSION."""
         source_dir = Path(source_dir)

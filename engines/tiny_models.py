@@ -14,6 +14,7 @@ import json
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import (
@@ -39,7 +40,7 @@ from transformers import (
 )
 
 from engines.adapters import LORA_WEIGHT_NAME
-from engines.pipelines import quiet
+from engines.pipelines import Pipeline, quiet
 from engines.registry import Manifest, ModelKind, Registry
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
@@ -77,7 +78,7 @@ def _tokenizer(folder: Path) -> CLIPTokenizer:
 
 
 def _text_config(tokenizer: CLIPTokenizer, *, act: str, projection_dim: int) -> CLIPTextConfig:
-    bos, eos = tokenizer.convert_tokens_to_ids([BOS, EOS])
+    bos, eos = tokenizer.get_vocab()[BOS], tokenizer.get_vocab()[EOS]
     return CLIPTextConfig(
         bos_token_id=bos, eos_token_id=eos, pad_token_id=eos, vocab_size=len(tokenizer),
         hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
@@ -104,11 +105,12 @@ def _sdxl_unet() -> UNet2DConditionModel:
         cross_attention_dim=64, norm_num_groups=1)  # both text encoders: 32 + 32
 
 
-def _sdxl(tokenizer: CLIPTokenizer, seed: int, *, turbo: bool) -> StableDiffusionXLPipeline:
+def _sdxl(tokenizer: CLIPTokenizer, seed: int, *, turbo: bool) -> Pipeline:
     torch.manual_seed(seed)
     config = _text_config(tokenizer, act="gelu", projection_dim=32)
     scheduler_kwargs = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                             steps_offset=1)
+    scheduler: EulerAncestralDiscreteScheduler | EulerDiscreteScheduler
     if turbo:
         scheduler = EulerAncestralDiscreteScheduler(timestep_spacing="trailing", **scheduler_kwargs)
     else:
@@ -120,7 +122,7 @@ def _sdxl(tokenizer: CLIPTokenizer, seed: int, *, turbo: bool) -> StableDiffusio
         image_encoder=None, feature_extractor=None)
 
 
-def _latent_upscaler(tokenizer: CLIPTokenizer, seed: int) -> StableDiffusionLatentUpscalePipeline:
+def _latent_upscaler(tokenizer: CLIPTokenizer, seed: int) -> Pipeline:
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         act_fn="gelu", attention_head_dim=8, norm_num_groups=None,
@@ -139,7 +141,7 @@ def _latent_upscaler(tokenizer: CLIPTokenizer, seed: int) -> StableDiffusionLate
         tokenizer=tokenizer, scheduler=EulerDiscreteScheduler(prediction_type="sample"))
 
 
-def _x4_upscaler(tokenizer: CLIPTokenizer, seed: int) -> StableDiffusionUpscalePipeline:
+def _x4_upscaler(tokenizer: CLIPTokenizer, seed: int) -> Pipeline:
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         block_out_channels=(32, 32, 64), layers_per_block=2, sample_size=32,
@@ -158,7 +160,7 @@ def _x4_upscaler(tokenizer: CLIPTokenizer, seed: int) -> StableDiffusionUpscaleP
 def _save_lora(folder: Path, seed: int) -> None:
     """A rank-4 LoRA on the tiny SDXL UNet's attention projections, with random A and B."""
     torch.manual_seed(seed)
-    unet = _sdxl_unet()
+    unet: Any = _sdxl_unet()  # add_adapter comes from a mixin mypy does not see
     unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
                                 target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
     layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
