@@ -26,9 +26,11 @@ from rapidocr.utils.output import RapidOCROutput
 from verifier.verdict import Typography
 
 # The detector sees the image with its long side at most this many pixels; recognition
-# still reads crops from the full-resolution image. bench/verifier_accuracy.py measured
-# accuracy and latency per size on 1024² images (see bench/results/verifier_accuracy.json).
-DETECTOR_LONG_SIDE_PX = 736
+# still reads crops from the full-resolution image. On 1024² images, one core
+# (bench/verifier_accuracy.py): full size missed 2 of 40 phrases at p95 510 ms; 736, 640
+# and 512 found all (p95 248, 188, 139 ms); 384 lost 20 px text. 640 keeps a margin for
+# small text (20 px type is 12.5 px to the detector) at under 40% of the full-size cost.
+DETECTOR_LONG_SIDE_PX = 640
 MAX_JOINED_REGIONS = 4
 THREADS_ENV = "LANEWAY_OCR_THREADS"
 
