@@ -1,7 +1,16 @@
 from __future__ import annotations
 
+import pytest
+
 from tests.verifier.conftest import poster
-from verifier.typography import check_typography, normalise, same_char, similarity
+from verifier.typography import (
+    THREADS_ENV,
+    check_typography,
+    normalise,
+    ocr_threads,
+    same_char,
+    similarity,
+)
 
 
 def test_normalise_drops_whitespace_and_punctuation() -> None:
@@ -71,3 +80,13 @@ def test_every_phrase_must_be_found() -> None:
     assert not verdict.passed
     assert verdict.scores[0] == 1.0 and verdict.scores[1] < 1.0
     assert verdict.score == verdict.scores[1]
+
+
+def test_ocr_threads_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(THREADS_ENV, raising=False)
+    assert ocr_threads() is None
+    monkeypatch.setenv(THREADS_ENV, "1")
+    assert ocr_threads() == 1
+    monkeypatch.setenv(THREADS_ENV, "0")
+    with pytest.raises(ValueError, match="LANEWAY_OCR_THREADS must be a positive integer, got '0'"):
+        ocr_threads()
