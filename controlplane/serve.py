@@ -78,12 +78,15 @@ async def publish_policy(redis_url: str, policy: Policy, registry: Registry) -> 
         await redis.aclose()
 
 
-def start_worker(settings: Settings) -> subprocess.Popen[bytes]:
+def child_commands(settings: Settings, policy: Policy) -> list[list[str]]:
+    """The ``laneway`` sub-commands serve runs beside the API, one process each."""
+    return [["worker", "--device", settings.device]]
+
+
+def start_child(settings: Settings, args: list[str]) -> subprocess.Popen[bytes]:
     env = {**os.environ, "LANEWAY_REDIS_URL": settings.redis_url or ""}
-    return subprocess.Popen(
-        [sys.executable, "-m", "controlplane.cli", "worker", "--device", settings.device],
-        env=env, preexec_fn=_die_with_parent,
-    )
+    return subprocess.Popen([sys.executable, "-m", "controlplane.cli", *args], env=env,
+                            preexec_fn=_die_with_parent)
 
 
 def stop_process(process: subprocess.Popen[bytes], *, timeout_s: float) -> None:
@@ -119,7 +122,7 @@ def _serve(settings: Settings, options: ServeOptions) -> None:
     registry = Registry(settings.registry)
     ensure_models(policy, registry)
     embedded: EmbeddedRedis | None = None
-    worker: subprocess.Popen[bytes] | None = None
+    children: list[subprocess.Popen[bytes]] = []
     try:
         if not settings.redis_url:
             embedded = EmbeddedRedis(settings.embedded_dir)
@@ -130,7 +133,8 @@ def _serve(settings: Settings, options: ServeOptions) -> None:
         asyncio.run(publish_policy(settings.redis_url, policy, registry))
         os.environ["LANEWAY_REDIS_URL"] = settings.redis_url
         if options.workers:
-            worker = start_worker(settings)
+            children = [start_child(settings, args)
+                        for args in child_commands(settings, policy)]
         from router.app import create_app
 
         log.info("API on http://%s:%d (policy %s)", settings.host, settings.port,
@@ -138,7 +142,9 @@ def _serve(settings: Settings, options: ServeOptions) -> None:
         uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
                     log_level="warning", access_log=False)
     finally:
-        if worker is not None:
-            stop_process(worker, timeout_s=WORKER_DRAIN_S)
+        for child in children:
+            child.send_signal(signal.SIGTERM)
+        for child in children:
+            stop_process(child, timeout_s=WORKER_DRAIN_S)
         if embedded is not None:
             embedded.stop()

@@ -27,6 +27,7 @@ from PIL import Image
 from controlplane.live_config import LiveConfig
 from controlplane.policy import DIFFUSERS_KINDS, EngineKind, EngineSpec, Policy
 from controlplane.policy_store import PolicyStore
+from controlplane.version_stats import record_stage
 from engines.artifacts import ArtifactStore
 from engines.base import Engine
 from engines.factory import build_engine
@@ -213,7 +214,7 @@ class Worker:
             job = await self._start(job, message, started_ms,
                                     stage_steps(job, policy, message.stage))
             try:
-                images = await self._run(slot, job, policy, message.stage)
+                images, run_ms = await self._run(slot, job, policy, message.stage)
                 self._store(job, message.stage, images, last=self._is_last(job, message.stage))
             except Exception as exc:  # the engine's failure is the job's failure, recorded
                 log.exception("stage %d of job %s failed", message.stage, job.id)
@@ -222,7 +223,8 @@ class Worker:
                 await self._fail(job, message, stream, entry_id, f"{type(exc).__name__}: {exc}",
                                  started_ms)
                 return
-            await self._complete(job, message, stream, entry_id, images, started_ms)
+            await self._complete(job, message, stream, entry_id, images, run_ms,
+                                 verify=policy.route(job.route).verify is not None)
 
     @staticmethod
     def _is_last(job: Job, stage: int) -> bool:
@@ -250,12 +252,13 @@ class Worker:
         return job
 
     async def _run(self, slot: Slot, job: Job, policy: Policy,
-                   stage_index: int) -> list[Image.Image]:
+                   stage_index: int) -> tuple[list[Image.Image], int]:
+        """Run the stage's engine; return its images and the engine call's own time."""
         record = job.stages[stage_index]
         spec = policy.engines[record.engine]
         options = self.options
 
-        def work() -> list[Image.Image]:
+        def work() -> tuple[list[Image.Image], int]:
             version = record.model_version or ""
             engine = slot.engines.get(version)
             if engine is None:
@@ -264,8 +267,9 @@ class Worker:
                 slot.engines[version] = engine
             item = build_item(job, policy, stage_index, options.artifacts,
                               on_step=lambda step, steps: None)
+            started = time.perf_counter()
             (images,) = engine.run([item])
-            return images
+            return images, round((time.perf_counter() - started) * 1000)
 
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, work)
@@ -286,15 +290,14 @@ class Worker:
                 artifacts.save(artifacts.stage_path(job.id, stage, i), image)
 
     async def _complete(self, job: Job, message: StageMessage, stream: str, entry_id: bytes,
-                        images: list[Image.Image], started_ms: int) -> None:
-        finished_ms = now_ms()
+                        images: list[Image.Image], run_ms: int, *, verify: bool) -> None:
         last = self._is_last(job, message.stage)
         next_stage: list[int] = []
 
         def change(j: Job) -> None:
             record = j.stages[message.stage]
             record.status = StageStatus.completed
-            record.run_ms = finished_ms - started_ms
+            record.run_ms = run_ms
             record.batch_size = 1
             record.finished_at = utc_now()
             if last:
@@ -303,6 +306,8 @@ class Worker:
                              height=im.height, seed=j.request.seed + i)
                     for i, im in enumerate(images)
                 ]
+                if verify:
+                    j.verification = {"status": "pending"}
                 j.transition(JobStatus.completed)
             else:
                 next_stage.append(message.stage + 1)
@@ -341,6 +346,11 @@ class Worker:
                     pipe.xdel(stream, entry_id)
                     for stage in next_stage:
                         enqueue_stage(pipe, job, stage)
+                    record = job.stages[message.stage]
+                    record_stage(pipe, record, ok=record.status is StageStatus.completed)
+                    if job.status is JobStatus.completed and job.verification.get(
+                            "status") == "pending":
+                        pipe.xadd(keys.VERIFY_STREAM, {"job": job_id})
                     pipe.set(key, job.model_dump_json(), ex=self.options.job_ttl_s)
                     add_event(pipe, job_id, event, stage=message.stage, status=job.status.value)
                     if job.status.is_final:

@@ -59,3 +59,16 @@ def deployment(model: str) -> str:
 
 def deployments() -> str:
     return f"{PREFIX}:deploys"
+
+
+#: stream of completed jobs waiting for the verifier, and its consumer group
+VERIFY_STREAM = f"{PREFIX}:verify"
+VERIFY_GROUP = "verifiers"
+
+
+def version_stats(model: str, version: str) -> str:
+    return f"{PREFIX}:vstats:{model}:{version}"
+
+
+def version_run_times(model: str, version: str) -> str:
+    return f"{PREFIX}:vstats:{model}:{version}:run-ms"

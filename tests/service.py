@@ -61,6 +61,7 @@ class Service:
     port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
+    ready_path: str = "/readyz"
 
     @property
     def url(self) -> str:
@@ -96,7 +97,7 @@ class Service:
                 raise RuntimeError(f"laneway serve exited {self.process.returncode}:\n"
                                    f"{self.log()}")
             try:
-                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
+                if httpx.get(f"{self.url}{self.ready_path}", timeout=1).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
