@@ -11,7 +11,9 @@
     │   ├── PayloadTooLarge         413
     │   └── AdmissionRefused        429 with Retry-After
     ├── RetryableError              transient; carries the delay before the next try
-    │   └── StageTimeout / EngineUnavailable ...
+    │   └── EngineUnavailable       a remote engine's circuit is open or its retries ran out
+    ├── JobCancelled                raised at a denoising step of a cancelled job
+    ├── StageTimeout                raised at a denoising step past the job's deadline
     └── InternalError               5xx: a bug or a broken deployment
         ├── NoEngine                503: nothing can serve the route
         ├── PolicyError             a policy that does not load (field, line, reason)
@@ -112,6 +114,26 @@ class RetryableError(LanewayError):
     def __init__(self, message: str, *, delay_s: float = 0.0) -> None:
         super().__init__(message)
         self.delay_s = delay_s
+
+
+class EngineUnavailable(RetryableError):
+    """The engine cannot take work now; the worker moves the stage to a fallback engine."""
+
+    code = "engine_unavailable"
+
+
+class JobCancelled(LanewayError):
+    """Raised inside a running stage (at a denoising step) when its job was cancelled."""
+
+    code = "cancelled"
+    status_code = 409
+
+
+class StageTimeout(LanewayError):
+    """A stage ran past its share of the route's ``timeout_s``; stopped at a denoising step."""
+
+    code = "timeout"
+    status_code = 504
 
 
 class InternalError(LanewayError):

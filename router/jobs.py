@@ -101,6 +101,8 @@ class StageRecord(BaseModel):
     finished_at: str | None = None
     enqueued_at_ms: int | None = None
     error: str | None = None
+    fallback_from: str | None = None
+    cost: float | None = None
 
 
 class ImageRef(BaseModel):
@@ -145,6 +147,8 @@ class Job(BaseModel):
         )
         for stage in body["stages"]:
             stage.pop("enqueued_at_ms", None)
+        costs = [s.cost for s in self.stages if s.cost is not None]
+        body["cost"] = round(sum(costs), 6) if costs else None
         body["tier"] = self.request.tier
         body["seed"] = self.request.seed
         body["metadata"] = self.request.metadata

@@ -72,3 +72,29 @@ def version_stats(model: str, version: str) -> str:
 
 def version_run_times(model: str, version: str) -> str:
     return f"{PREFIX}:vstats:{model}:{version}:run-ms"
+
+
+#: pub/sub channel carrying ids of cancelled jobs to the workers running them
+CANCEL_CHANNEL = f"{PREFIX}:cancel"
+
+
+def route_inflight(route: str) -> str:
+    """Accepted, unfinished jobs of a route (admission's queue bound)."""
+    return f"{PREFIX}:route:{route}:inflight"
+
+
+def route_drained(route: str, epoch_s: int) -> str:
+    """Jobs of a route that finished in one wall-clock second (drain rate)."""
+    return f"{PREFIX}:route:{route}:drained:{epoch_s}"
+
+
+def stage_histograms() -> str:
+    return f"{PREFIX}:metrics:stage-ms"
+
+
+def job_outcomes() -> str:
+    return f"{PREFIX}:metrics:jobs"
+
+
+def engine_spend() -> str:
+    return f"{PREFIX}:metrics:spend"

@@ -1,0 +1,27 @@
+"""Per-route counters kept in Redis: jobs in flight (admission's bound) and the drain rate.
+
+Incremented when a job is accepted and decremented exactly once when it ends, inside the
+same transactions that accept and end it, so the bound never drifts.
+"""
+
+from __future__ import annotations
+
+import time
+
+from redis.asyncio.client import Pipeline
+
+from router import keys
+
+DRAIN_WINDOW_S = 60
+
+
+def on_accept(pipe: Pipeline, route: str) -> None:
+    pipe.incr(keys.route_inflight(route))
+
+
+def on_finish(pipe: Pipeline, route: str, *, now_s: float | None = None) -> None:
+    second = int(now_s if now_s is not None else time.time())
+    pipe.decr(keys.route_inflight(route))
+    drained = keys.route_drained(route, second)
+    pipe.incr(drained)
+    pipe.expire(drained, DRAIN_WINDOW_S * 2)
