@@ -29,6 +29,9 @@ class Settings(BaseSettings):
     node_name: str = Field(default="node-1", description="prefix of worker names")
     job_ttl_s: int = 7 * 24 * 3600
     idempotency_ttl_s: int = 24 * 3600
+    verify_claim_idle_ms: int = Field(
+        default=60_000, gt=0,
+        description="a verification left pending this long by a dead verifier is reclaimed")
 
     @property
     def embedded_dir(self) -> Path:

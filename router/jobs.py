@@ -45,7 +45,8 @@ JOB_TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
         {JobStatus.running, JobStatus.queued, JobStatus.completed, JobStatus.failed,
          JobStatus.cancelled}
     ),
-    JobStatus.completed: frozenset(),
+    # only the verifier's regenerate-on-fail re-queues a completed job (new seed)
+    JobStatus.completed: frozenset({JobStatus.queued}),
     JobStatus.failed: frozenset(),
     JobStatus.cancelled: frozenset(),
 }

@@ -66,6 +66,11 @@ VERIFY_STREAM = f"{PREFIX}:verify"
 VERIFY_GROUP = "verifiers"
 
 
+def job_verdicts(job_id: str) -> str:
+    """Every verification attempt's verdict of a job, oldest first (JSON strings)."""
+    return f"{PREFIX}:job:{job_id}:verdicts"
+
+
 def version_stats(model: str, version: str) -> str:
     return f"{PREFIX}:vstats:{model}:{version}"
 
