@@ -11,8 +11,16 @@ import json
 
 import redis.asyncio as aioredis
 from pydantic import BaseModel, Field
+from redis.asyncio.client import Pipeline
 
 from router import keys
+
+
+def put_in(pipe: Pipeline, deployment: Deployment) -> None:
+    """Write ``deployment`` and announce it, inside the caller's transaction."""
+    pipe.hset(keys.deployments(), deployment.model, deployment.model_dump_json())
+    pipe.publish(keys.CONTROL_CHANNEL,
+                 json.dumps({"kind": "deployment", "model": deployment.model}))
 
 
 class Deployment(BaseModel):
@@ -46,9 +54,7 @@ class DeploymentStore:
 
     async def put(self, deployment: Deployment) -> None:
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(keys.deployments(), deployment.model, deployment.model_dump_json())
-            pipe.publish(keys.CONTROL_CHANNEL,
-                         json.dumps({"kind": "deployment", "model": deployment.model}))
+            put_in(pipe, deployment)
             await pipe.execute()
 
     async def ensure_stable(self, model: str, version: str) -> Deployment:

@@ -9,6 +9,7 @@
     │   ├── Unauthorized            401
     │   ├── Forbidden               403
     │   ├── PayloadTooLarge         413
+    │   ├── Conflict                409 (the state changed under the request, or forbids it)
     │   └── AdmissionRefused        429 with Retry-After
     ├── RetryableError              transient; carries the delay before the next try
     │   └── EngineUnavailable       a remote engine's circuit is open or its retries ran out
@@ -91,6 +92,11 @@ class Unauthorized(ClientError):
 class Forbidden(ClientError):
     status_code = 403
     code = "forbidden"
+
+
+class Conflict(ClientError):
+    status_code = 409
+    code = "conflict"
 
 
 class PayloadTooLarge(ClientError):

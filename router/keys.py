@@ -103,3 +103,22 @@ def job_outcomes() -> str:
 
 def engine_spend() -> str:
     return f"{PREFIX}:metrics:spend"
+
+
+def rollouts() -> str:
+    """Hash: model → its current (or last) rollout record."""
+    return f"{PREFIX}:rollouts"
+
+
+def controller_lock() -> str:
+    """Held (with expiry) by the one process running the rollout reconcile loop."""
+    return f"{PREFIX}:controller:lock"
+
+
+def audit_log() -> str:
+    return f"{PREFIX}:audit"
+
+
+def stable_history(model: str) -> str:
+    """List of the stable versions a model has had, oldest first."""
+    return f"{PREFIX}:deploy:{model}:stable-history"
