@@ -72,6 +72,7 @@ class SimService(Strict):
     mean_ms: float = Field(gt=0)
     jitter: float = Field(default=0.1, ge=0, le=1)
     per_item_ms: float = Field(default=0, ge=0)
+    dist: Literal["lognormal", "fixed"] = "lognormal"
 
 
 class Circuit(Strict):

@@ -1,7 +1,7 @@
 """Building an engine from its policy spec: one builder per engine kind.
 
-``BUILDERS`` is the dispatch table; kinds served outside this module (``sim``,
-``http.openai_images``) add their builder to it where they are defined::
+``BUILDERS`` is the dispatch table; kinds served outside this module
+(``http.openai_images``) add their builder to it where they are defined::
 
     engine = build_engine(spec, registry=registry, model_version="2", device="cpu")
 """
@@ -15,6 +15,7 @@ from engines.base import Engine
 from engines.image2image import Image2ImageEngine, InpaintEngine
 from engines.registry import Registry
 from engines.resize import ResizeEngine
+from engines.sim import SimEngine
 from engines.text2image import Text2ImageEngine
 from engines.upscalers import LatentUpscaleEngine, X4UpscaleEngine
 from router.errors import NoEngine
@@ -38,6 +39,7 @@ BUILDERS: dict[EngineKind, EngineBuilder] = {
     EngineKind.latent_upscale: _diffusers(LatentUpscaleEngine),
     EngineKind.upscale: _diffusers(X4UpscaleEngine),
     EngineKind.resize: lambda spec, registry, model_version, device: ResizeEngine(spec),
+    EngineKind.sim: lambda spec, registry, model_version, device: SimEngine(spec),
 }
 
 

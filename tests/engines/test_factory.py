@@ -11,6 +11,7 @@ from engines.factory import BUILDERS, build_engine
 from engines.pipelines import DiffusersEngine, SharedLock
 from engines.registry import Registry
 from engines.resize import ResizeEngine
+from engines.sim import SimEngine
 from engines.text2image import Text2ImageEngine
 from engines.upscalers import LatentUpscaleEngine, X4UpscaleEngine
 from router.errors import NoEngine, RegistryError, ValidationFailed
@@ -23,12 +24,13 @@ def test_dispatch_by_kind(make_engine: EngineMaker) -> None:
                       LatentUpscaleEngine)
     assert isinstance(make_engine("diffusers.upscale", "tiny-x4-upscaler"), X4UpscaleEngine)
     assert isinstance(make_engine("resize"), ResizeEngine)
+    assert isinstance(make_engine("sim", sim={"mean_ms": 5}), SimEngine)
 
 
 def test_kinds_built_elsewhere_are_refused(tiny_registry: Registry) -> None:
-    spec = EngineSpec(kind="sim", sim={"mean_ms": 5})
+    spec = EngineSpec(kind="http.openai_images", base_url="http://127.0.0.1:9", model="m")
     assert spec.kind not in BUILDERS
-    with pytest.raises(NoEngine, match="no engine builder for kind sim"):
+    with pytest.raises(NoEngine, match="no engine builder for kind http.openai_images"):
         build_engine(spec, registry=tiny_registry, model_version="1", device="cpu")
 
 
