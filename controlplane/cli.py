@@ -88,6 +88,48 @@ def worker(
     run_worker(settings, device=device, engines=names)
 
 
+@app.command()
+def verifier(redis_url: RedisUrl = None) -> None:
+    """Run a verifier (OCR and quality checks of completed jobs); SIGTERM stops it."""
+    from verifier.verifier_main import run_verifier
+
+    settings = _settings(redis_url=redis_url)
+    if not settings.redis_url:
+        raise _fail("laneway verifier needs --redis-url or LANEWAY_REDIS_URL", EXIT_USAGE)
+    run_verifier(settings)
+
+
+@app.command()
+def verify(
+    image: Annotated[Path, typer.Argument(help="Image file to check.")],
+    text: Annotated[list[str] | None, typer.Option(
+        "--text", help="Text the image must show (repeatable).")] = None,
+    policy: Annotated[Path, typer.Option(help="Policy whose thresholds apply.")] = Path(
+        "policies/tiny.yaml"),
+    route: Annotated[str | None, typer.Option(
+        help="Route whose verify block applies (default: the first route with one).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Run the verifier's checks on an image file; exit 0 passed, 1 failed, 2 unreadable."""
+    from controlplane.policy import Verify
+    from verifier.on_file import run
+
+    try:
+        loaded = load_policy(policy)
+    except PolicyError as exc:
+        _print_policy_errors(exc, str(policy))
+        raise typer.Exit(EXIT_USAGE) from None
+    if route is not None:
+        named = [r for r in loaded.routes if r.name == route]
+        if not named:
+            raise _fail(f"--route: no route {route!r} in {policy} "
+                        f"(routes: {', '.join(r.name for r in loaded.routes)})", EXIT_USAGE)
+        checks = named[0].verify or Verify()
+    else:
+        checks = next((r.verify for r in loaded.routes if r.verify is not None), Verify())
+    raise typer.Exit(run(image, texts=text or [], verify=checks, as_json=as_json))
+
+
 def _print_policy_errors(exc: PolicyError, source: str) -> None:
     typer.echo(f"{source}: invalid policy", err=True)
     if not exc.details:

@@ -80,7 +80,7 @@ async def publish_policy(redis_url: str, policy: Policy, registry: Registry) -> 
 
 def child_commands(settings: Settings, policy: Policy) -> list[list[str]]:
     """The ``laneway`` sub-commands serve runs beside the API, one process each."""
-    return [["worker", "--device", settings.device]]
+    return [["worker", "--device", settings.device], ["verifier"]]
 
 
 def start_child(settings: Settings, args: list[str]) -> subprocess.Popen[bytes]:

@@ -1,0 +1,47 @@
+"""Run one verifier process: connect, verify until SIGTERM/SIGINT, finish the check in
+progress, exit 0."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+
+import redis.asyncio as aioredis
+
+from controlplane.settings import Settings
+from engines.artifacts import ArtifactStore
+from router.telemetry import setup_tracing, shutdown_tracing
+from verifier.worker import Verifier, VerifierOptions
+
+
+def verifier_name(settings: Settings) -> str:
+    return f"{settings.node_name}/verifier/{os.getpid()}"
+
+
+async def _serve(settings: Settings) -> None:
+    assert settings.redis_url
+    redis = aioredis.Redis.from_url(settings.redis_url)
+    verifier = Verifier(redis, VerifierOptions(
+        name=verifier_name(settings), artifacts=ArtifactStore(settings.artifacts),
+        job_ttl_s=settings.job_ttl_s, claim_idle_ms=settings.verify_claim_idle_ms,
+    ))
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, verifier.stop)
+    try:
+        await verifier.run()
+    finally:
+        await redis.aclose()
+
+
+def run_verifier(settings: Settings) -> None:
+    """Block verifying completed jobs until a stop signal."""
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s verifier %(levelname)s %(message)s")
+    setup_tracing("laneway-verifier")
+    try:
+        asyncio.run(_serve(settings))
+    finally:
+        shutdown_tracing()

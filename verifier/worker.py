@@ -1,0 +1,282 @@
+"""The verifier process: reads completed jobs from the verify stream and records verdicts.
+
+One entry's life: read (or reclaim from a dead verifier after ``claim_idle_ms``) → load the
+job and its route's ``verify`` block → check every final image (OCR in a thread, so the
+loop stays responsive) → commit in one transaction: the job's ``verification``, the
+attempt's verdict in the job's history, a ``verified`` event, per-model-version verdict
+counters, a regeneration when the route asks for one, and the acknowledgement. An entry is
+acknowledged only with its verdict, so a verifier killed mid-check loses nothing.
+
+A process checks one image at a time; run several verifier processes to verify faster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+from opentelemetry.trace import SpanKind
+from redis.asyncio.client import Pipeline
+
+from controlplane.policy import Policy, Route, Verify
+from controlplane.policy_store import PolicyStore
+from controlplane.version_stats import record_verdict
+from engines.artifacts import ArtifactStore
+from engines.stage_inputs import stage_size
+from router import keys, route_counters
+from router.errors import NotFound
+from router.jobs import Job, JobStatus, JobStore
+from router.queue import add_event, enqueue_stage
+from router.telemetry import context_from, tracer
+from verifier.checks import check_image
+from verifier.outcome import (
+    attempt_record,
+    decide_action,
+    job_verdict,
+    next_seed,
+    reset_for_regeneration,
+    verification_body,
+)
+from verifier.typography import ocr_engine
+from verifier.verdict import Action, Verification, VerificationStatus
+
+log = logging.getLogger(__name__)
+_tracer = tracer("laneway.verifier")
+
+READ_BLOCK_MS = 1000
+
+
+@dataclass(frozen=True)
+class VerifierOptions:
+    name: str
+    artifacts: ArtifactStore
+    job_ttl_s: int
+    claim_idle_ms: int
+
+
+@dataclass(frozen=True)
+class Checked:
+    """One attempt's outcome before it is committed."""
+
+    verdict: Verification
+    per_image: list[Verification]
+    error: str | None = None
+
+
+class Verifier:
+    def __init__(self, redis: aioredis.Redis, options: VerifierOptions) -> None:
+        self.redis = redis
+        self.options = options
+        self.jobs = JobStore(redis, ttl_s=options.job_ttl_s)
+        self.policies = PolicyStore(redis)
+        self._policy_cache: dict[str, Policy] = {}
+        self._stopping = asyncio.Event()
+        self._executor: ThreadPoolExecutor | None = None
+        #: entries committed by this process (tests and logs read it)
+        self.verified = 0
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Verify entries until :meth:`stop`; the entry in progress is finished first."""
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify")
+        try:
+            await self._ensure_group()
+            await asyncio.get_running_loop().run_in_executor(self._executor, ocr_engine)
+            log.info("verifier %s ready", self.name)
+            while not self._stopping.is_set():
+                try:
+                    entry = await self._next_entry()
+                    if entry is not None:
+                        await self._process(*entry)
+                except aioredis.ConnectionError:
+                    log.warning("verifier %s lost Redis; retrying in 1 s", self.name)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._stopping.wait(), timeout=1.0)
+        finally:
+            self._executor.shutdown(wait=True)
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    @property
+    def name(self) -> str:
+        return self.options.name
+
+    async def _ensure_group(self) -> None:
+        try:
+            await self.redis.xgroup_create(keys.VERIFY_STREAM, keys.VERIFY_GROUP, id="0",
+                                           mkstream=True)
+        except aioredis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def _next_entry(self) -> tuple[bytes, dict[bytes, bytes]] | None:
+        """An entry a dead verifier left pending past ``claim_idle_ms``, else a new one."""
+        _, claimed, _ = await self.redis.xautoclaim(
+            keys.VERIFY_STREAM, keys.VERIFY_GROUP, self.name,
+            min_idle_time=self.options.claim_idle_ms, start_id="0-0", count=1)
+        if claimed:
+            entry_id, fields = claimed[0]
+            log.info("verifier %s reclaimed %s", self.name, entry_id.decode())
+            return entry_id, fields
+        reply = await self.redis.xreadgroup(keys.VERIFY_GROUP, self.name,
+                                            {keys.VERIFY_STREAM: ">"}, count=1,
+                                            block=READ_BLOCK_MS)
+        for _, entries in reply or []:
+            for entry_id, fields in entries:
+                return entry_id, fields
+        return None
+
+    # -- one entry ---------------------------------------------------------------------
+
+    async def _process(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
+        job_id = fields.get(b"job", b"").decode()
+        try:
+            job = await self.jobs.get(job_id)
+        except NotFound:
+            log.warning("verify entry %s names no job (%r); acknowledging it",
+                        entry_id.decode(), job_id)
+            await self._ack(entry_id)
+            return
+        if not awaits_verdict(job):
+            await self._ack(entry_id)
+            return
+        policy = await self._policy_of(job)
+        route = route_named(policy, job.route)
+        verify = route.verify if route is not None else None
+        expected_size = (stage_size(job, policy, len(job.stages) - 1)
+                         if policy is not None and route is not None else None)
+        attempt = await self.redis.llen(keys.job_verdicts(job.id)) + 1
+        with _tracer.start_as_current_span(
+            "laneway.verify", context=context_from(job.trace_context), kind=SpanKind.CONSUMER,
+            attributes={"laneway.job_id": job.id, "laneway.route": job.route,
+                        "laneway.attempt": attempt, "laneway.verifier": self.name},
+        ) as span:
+            loop = asyncio.get_running_loop()
+            checked = await loop.run_in_executor(
+                self._executor, self._check, job, verify, expected_size)
+            span.set_attribute("laneway.verdict", checked.verdict.status.value)
+        await self._commit(job.id, entry_id, checked, route, attempt)
+
+    async def _policy_of(self, job: Job) -> Policy | None:
+        """The policy version the job was routed with (cached; None if it is gone)."""
+        policy = self._policy_cache.get(job.policy_version)
+        if policy is None:
+            policy = await self.policies.get(job.policy_version)
+            if policy is not None:
+                self._policy_cache[job.policy_version] = policy
+        return policy
+
+    def _check(self, job: Job, verify: Verify | None,
+               expected_size: tuple[int, int] | None) -> Checked:
+        """Check every final image (runs in the verifier's thread)."""
+        if verify is None:
+            skipped = Verification(status=VerificationStatus.skipped)
+            return Checked(skipped, [skipped], "the job's route has no verify block")
+        artifacts = self.options.artifacts
+        per_image: list[Verification] = []
+        for ref in job.images:
+            try:
+                image = artifacts.load(artifacts.final_path(job.id, ref.index)).convert("RGB")
+            except OSError as exc:
+                failed = Verification(status=VerificationStatus.failed)
+                return Checked(failed, [*per_image, failed],
+                               f"image {ref.index} is unreadable: {exc}")
+            per_image.append(check_image(image, verify=verify, expected_text=job.request.text,
+                                         expected_size=expected_size))
+        if not per_image:
+            failed = Verification(status=VerificationStatus.failed)
+            return Checked(failed, [failed], "the job has no images")
+        return Checked(job_verdict(per_image), per_image)
+
+    async def _commit(self, job_id: str, entry_id: bytes, checked: Checked,
+                      route: Route | None, attempt: int) -> None:
+        """Store the verdict, act on it, count it and acknowledge, in one transaction."""
+        verify = route.verify if route is not None else None
+        key, history_key = keys.job(job_id), keys.job_verdicts(job_id)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    await pipe.watch(key, history_key)
+                    raw = await pipe.get(key)
+                    job = None if raw is None else Job.model_validate_json(raw)
+                    history = [json.loads(r) for r in await pipe.lrange(history_key, 0, -1)]
+                    pipe.multi()
+                    if job is not None and awaits_verdict(job) and len(history) + 1 == attempt:
+                        self._write_verdict(pipe, job, checked, route, verify, history)
+                    _ack_in(pipe, entry_id)
+                    await pipe.execute()
+                    break
+                except aioredis.WatchError:
+                    continue
+        self.verified += 1
+
+    def _write_verdict(self, pipe: Pipeline, job: Job, checked: Checked, route: Route | None,
+                       verify: Verify | None, history: list[dict[str, Any]]) -> None:
+        attempt = len(history) + 1
+        action = decide_action(checked.verdict.status, verify, attempt=attempt)
+        verdict = checked.verdict.model_copy(update={"action": action, "attempt": attempt})
+        record = attempt_record(verdict, per_image=checked.per_image, seed=job.request.seed,
+                                error=checked.error)
+        job.verification = verification_body(record, history)
+        ttl_s = self.options.job_ttl_s
+        pipe.rpush(keys.job_verdicts(job.id), json.dumps(record, separators=(",", ":")))
+        pipe.expire(keys.job_verdicts(job.id), ttl_s)
+        if verdict.status is not VerificationStatus.skipped:
+            for stage in job.stages:
+                if stage.model and stage.model_version:
+                    record_verdict(pipe, stage.model, stage.model_version,
+                                   passed=verdict.status is VerificationStatus.passed)
+        add_event(pipe, job.id, "verified", status=verdict.status.value, action=action.value,
+                  attempt=attempt, failed_metrics=failed_metrics(verdict))
+        if action is Action.regenerated:
+            assert route is not None  # a regenerate action needs the route's verify block
+            seed = next_seed(job.request.seed)
+            reset_for_regeneration(job, seed=seed, timeout_s=route.timeout_s,
+                                   attempts=job.verification["attempts"])
+            enqueue_stage(pipe, job, 0)
+            route_counters.on_accept(pipe, job.route)
+            add_event(pipe, job.id, "queued", route=job.route, stage=0,
+                      engine=job.stages[0].engine, attempt=attempt + 1, seed=seed)
+        pipe.set(keys.job(job.id), job.model_dump_json(), ex=ttl_s)
+
+    async def _ack(self, entry_id: bytes) -> None:
+        async with self.redis.pipeline(transaction=True) as pipe:
+            _ack_in(pipe, entry_id)
+            await pipe.execute()
+
+
+def _ack_in(pipe: Pipeline, entry_id: bytes) -> None:
+    pipe.xack(keys.VERIFY_STREAM, keys.VERIFY_GROUP, entry_id)
+    pipe.xdel(keys.VERIFY_STREAM, entry_id)
+
+
+def route_named(policy: Policy | None, name: str) -> Route | None:
+    if policy is None:
+        return None
+    try:
+        return policy.route(name)
+    except KeyError:
+        return None
+
+
+def awaits_verdict(job: Job) -> bool:
+    """A completed job whose verification is pending (anything else is a stale entry)."""
+    return job.status is JobStatus.completed and job.verification.get("status") == "pending"
+
+
+def failed_metrics(verdict: Verification) -> list[str]:
+    """Names of the failed checks: ``typography`` and each failed quality metric."""
+    names = []
+    if verdict.typography is not None and not verdict.typography.passed:
+        names.append("typography")
+    if verdict.quality is not None:
+        names.extend(verdict.quality.failed_metrics)
+    return names
