@@ -1,0 +1,75 @@
+"""Putting a policy in force from YAML text, and going back to an earlier one, with audit.
+
+Used by the admin API (``laneway policy apply|rollback``) and by ``--watch``. A policy is
+refused (PolicyError, with every field and line) before anything is written, so the policy
+in force stays the last good one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+
+from controlplane import audit
+from controlplane.deployments import DeploymentStore
+from controlplane.policy import Policy, check_models
+from controlplane.policy_loader import parse_policy
+from controlplane.policy_store import PolicyStore
+from engines.registry import Registry
+from router.errors import Conflict, NotFound, PolicyError
+
+
+@dataclass(frozen=True)
+class PolicyApplied:
+    version: str
+    previous: str | None
+    changed: bool
+
+
+async def _put_in_force(redis: aioredis.Redis, policy: Policy, registry: Registry, *,
+                        actor: str, reason: str, action: str) -> PolicyApplied:
+    missing = check_models(policy, set(registry.models()))
+    if missing:
+        raise PolicyError(f"the policy names models that are not in the registry "
+                          f"{registry.root}", details=missing)
+    store = PolicyStore(redis)
+    previous = await store.current_version()
+    deployments = DeploymentStore(redis)
+    for spec in policy.engines.values():
+        if spec.is_local_model and spec.model:
+            latest = registry.latest_version(spec.model)
+            if latest is not None:
+                await deployments.ensure_stable(spec.model, latest)
+    changed = await store.apply(policy, actor=actor, reason=reason)
+    if changed:
+        await audit.add(redis, audit.AuditEntry.now(
+            actor, action, "policy", reason, version=policy.version_id,
+            previous=previous or ""))
+    return PolicyApplied(policy.version_id, previous, changed)
+
+
+async def apply_policy_text(redis: aioredis.Redis, text: str, registry: Registry, *,
+                            actor: str, reason: str, source: str) -> PolicyApplied:
+    """Validate YAML and put it in force; raise PolicyError (nothing changes) if invalid."""
+    policy = parse_policy(text, source=source)
+    return await _put_in_force(redis, policy, registry, actor=actor, reason=reason,
+                               action="policy.apply")
+
+
+async def rollback_policy(redis: aioredis.Redis, registry: Registry, *, actor: str,
+                          reason: str, to: str | None = None) -> PolicyApplied:
+    """Put the previously applied (or the ``to``) policy version back in force."""
+    store = PolicyStore(redis)
+    current = await store.current_version()
+    if to is None:
+        earlier = [c.version for c in await store.history() if c.version != current]
+        if not earlier:
+            raise Conflict("no earlier policy version to roll back to")
+        to = earlier[-1]
+    policy = await store.get(to)
+    if policy is None:
+        raise NotFound(f"policy version {to!r} was never applied here")
+    return await _put_in_force(redis, policy, registry, actor=actor,
+                               reason=reason or f"rollback to {to[:19]}",
+                               action="policy.rollback")

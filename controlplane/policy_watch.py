@@ -1,0 +1,82 @@
+"""``laneway serve --policy FILE --watch``: re-apply the policy file whenever it changes.
+
+The way a git-sync sidecar updates a mounted file: poll the file's content hash every
+``poll_s``; a changed file is validated and put in force for every process; an invalid one
+is refused with its errors logged and the last good policy stays in force.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+from pathlib import Path
+
+import redis.asyncio as aioredis
+
+from controlplane.policy_changes import PolicyApplied, apply_policy_text
+from engines.registry import Registry
+from router.errors import PolicyError
+
+log = logging.getLogger("laneway.policy-watch")
+
+ACTOR = "policy-watch"
+POLL_S = 0.5
+
+
+class PolicyWatcher:
+    def __init__(self, redis: aioredis.Redis, path: Path, registry: Registry, *,
+                 poll_s: float = POLL_S) -> None:
+        self.redis = redis
+        self.path = path
+        self.registry = registry
+        self.poll_s = poll_s
+        self.seen_sha256: str | None = None
+        self.last_errors: list[str] = []
+
+    async def check_once(self) -> PolicyApplied | None:
+        """Apply the file if its content changed since the last look; None otherwise."""
+        try:
+            text = self.path.read_text()
+        except OSError as exc:  # a sidecar swapping the file: try again next poll
+            log.warning("cannot read %s: %s", self.path, exc.strerror)
+            return None
+        digest = hashlib.sha256(text.encode()).hexdigest()
+        if digest == self.seen_sha256:
+            return None
+        self.seen_sha256 = digest
+        try:
+            applied = await apply_policy_text(
+                self.redis, text, self.registry, actor=ACTOR, source=str(self.path),
+                reason=f"{self.path.name} changed (file sha256 {digest[:12]})")
+        except PolicyError as exc:
+            self.last_errors = [f"{d.field}: {d.message}" for d in exc.details] or [exc.message]
+            log.error("%s refused, the last good policy stays in force: %s", self.path,
+                      "; ".join(self.last_errors))
+            return None
+        self.last_errors = []
+        if applied.changed:
+            log.info("%s applied: policy %s", self.path, applied.version[:19])
+        return applied
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await self.check_once()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=self.poll_s)
+
+
+async def run_policy_watch(redis_url: str, path: Path, registry: Registry) -> None:
+    """Watch until SIGTERM/SIGINT."""
+    import signal
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    redis = aioredis.Redis.from_url(redis_url)
+    try:
+        await PolicyWatcher(redis, path, registry).run(stop)
+    finally:
+        await redis.aclose()
