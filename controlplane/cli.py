@@ -12,6 +12,7 @@ from typing import Annotated
 
 import typer
 
+from controlplane import cli_admin
 from controlplane.policy_loader import load_policy
 from controlplane.settings import Settings
 from router.errors import LanewayError, PolicyError
@@ -24,6 +25,7 @@ policy_app = typer.Typer(help="Validate and manage routing policies.", no_args_i
 models_app = typer.Typer(help="The model registry.", no_args_is_help=True)
 app.add_typer(policy_app, name="policy")
 app.add_typer(models_app, name="models")
+cli_admin.register(app, policy_app, models_app)
 
 RedisUrl = Annotated[str | None, typer.Option(
     "--redis-url", envvar="LANEWAY_REDIS_URL",
@@ -169,25 +171,6 @@ def models_make_tiny(registry: RegistryDir = None) -> None:
     root = registry or _settings().registry
     for manifest in make_tiny(Registry(root)):
         typer.echo(f"{manifest.name} {manifest.version} ({manifest.kind})")
-
-
-@models_app.command("list")
-def models_list(
-    registry: RegistryDir = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
-) -> None:
-    """Models and versions in the local registry."""
-    from engines.registry import Registry
-
-    reg = Registry(registry or _settings().registry)
-    rows = [{"model": m, "version": v, "kind": reg.manifest(m, v).kind}
-            for m in reg.models() for v in reg.versions(m)]
-    if as_json:
-        typer.echo(json.dumps(rows))
-        return
-    typer.echo(f"{'MODEL':<28} {'VERSION':<10} KIND")
-    for row in rows:
-        typer.echo(f"{row['model']:<28} {row['version']:<10} {row['kind']}")
 
 
 def main() -> None:

@@ -15,7 +15,9 @@ from litestar.plugins.opentelemetry import OpenTelemetryConfig, OpenTelemetryPlu
 from controlplane.live_config import LiveConfig
 from controlplane.settings import Settings
 from engines.artifacts import ArtifactStore
+from router.admin_api import AdminController
 from router.api import ApiState, JobsController, SystemController
+from router.deferral import DeferralDispatcher
 from router.errors import AdmissionRefused, LanewayError
 from router.jobs import JobStore
 from router.submit import Submitter
@@ -65,23 +67,27 @@ def create_app(settings: Settings | None = None) -> Litestar:
         jobs=JobStore(redis, ttl_s=settings.job_ttl_s),
         waiters=waiters,
         artifacts=artifacts,
-        submitter=Submitter(redis, live, artifacts, settings.job_ttl_s),
+        submitter=Submitter(redis, live, artifacts, settings.job_ttl_s,
+                            idempotency_ttl_s=settings.idempotency_ttl_s),
     )
+    deferral = DeferralDispatcher(redis, live, job_ttl_s=settings.job_ttl_s)
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         await live.start()
         await waiters.start()
+        await deferral.start()
         try:
             yield
         finally:
+            await deferral.stop()
             await waiters.stop()
             await live.stop()
             await redis.aclose()
             shutdown_tracing()
 
     return Litestar(
-        route_handlers=[JobsController, SystemController],
+        route_handlers=[JobsController, SystemController, AdminController],
         lifespan=[lifespan],
         dependencies={},
         state=state.as_litestar_state(),

@@ -1,0 +1,265 @@
+"""Admin endpoints (CONTRACT.md): policy, rollouts, model rollback and registry, audit.
+
+Every handler is behind ``admin_guard``: no ``Authorization: Bearer`` header → 401, a wrong
+token or an API without ``LANEWAY_ADMIN_TOKEN`` → 403. The actor recorded in the audit
+trail is the ``X-Laneway-Actor`` header (the CLI's ``--actor``), else the token's name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import yaml
+from litestar import Controller, Request, get, post
+from litestar.connection import ASGIConnection
+from litestar.di import Provide
+from litestar.handlers import BaseRouteHandler
+from pydantic import BaseModel, ConfigDict, Field
+
+from controlplane import audit
+from controlplane.deployments import DeploymentStore
+from controlplane.policy import Policy
+from controlplane.policy_changes import apply_policy_text, rollback_policy
+from controlplane.policy_store import PolicyStore
+from controlplane.rollback import rollback_model
+from controlplane.rollouts import (
+    DEFAULT_INTERVAL_S,
+    DEFAULT_MIN_SAMPLES,
+    DEFAULT_STEPS,
+    Phase,
+    Rollout,
+    RolloutStore,
+    Thresholds,
+    apply_transition,
+    start_rollout,
+)
+from engines.registry import MANIFEST_NAME, ModelKind, Registry
+from router.api import ApiState, provide_api
+from router.errors import Forbidden, RegistryError, Unauthorized, ValidationFailed
+
+TOKEN_NAME = "admin"
+ACTOR_HEADER = "x-laneway-actor"
+
+
+def admin_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+    api: ApiState = connection.app.state["api"]
+    expected = api.settings.admin_token
+    if not expected:
+        raise Forbidden("the admin API is disabled: the server has no LANEWAY_ADMIN_TOKEN")
+    header = connection.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        raise Unauthorized("admin token required: Authorization: Bearer <LANEWAY_ADMIN_TOKEN>")
+    if not hmac.compare_digest(token.encode(), expected.encode()):
+        raise Forbidden("admin token not accepted")
+
+
+def actor_of(request: Request[Any, Any, Any]) -> str:
+    return request.headers.get(ACTOR_HEADER) or TOKEN_NAME
+
+
+def canonical_yaml(policy: Policy) -> str:
+    return yaml.safe_dump(policy.model_dump(mode="json"), sort_keys=True)
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Reason(Strict):
+    reason: str = ""
+
+
+class ToVersion(Strict):
+    to: str | None = None
+    reason: str = ""
+
+
+class RolloutRequest(Strict):
+    model: str
+    version: str
+    steps: tuple[float, ...] = DEFAULT_STEPS
+    interval_s: float = Field(default=DEFAULT_INTERVAL_S, gt=0)
+    min_samples: int = Field(default=DEFAULT_MIN_SAMPLES, ge=1)
+    thresholds: Thresholds = Thresholds()
+    reason: str = ""
+
+
+class RegisterRequest(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    version: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    path: str
+    kind: ModelKind | None = None
+    base_model: str | None = None
+    notes: str = ""
+    link: bool = False
+    reason: str = ""
+
+
+def _rollout_body(rollout: Rollout) -> dict[str, Any]:
+    body = rollout.model_dump(mode="json")
+    body["weight"] = rollout.weight
+    return body
+
+
+_ACTION_PHASE: dict[str, Phase] = {"promote": Phase.promoted, "pause": Phase.paused,
+                                   "resume": Phase.progressing, "abort": Phase.aborted}
+
+
+def _register(registry: Registry, req: RegisterRequest) -> dict[str, Any]:
+    """Verify a source that carries its own manifest, then copy it in (blocking)."""
+    source = Path(req.path)
+    kind, base_model = req.kind, req.base_model
+    if (source / MANIFEST_NAME).is_file():
+        # a version folder from another registry: it must still match its manifest
+        manifest = Registry(source.parent.parent).manifest(source.parent.name, source.name)
+        Registry(source.parent.parent).verified_path(source.parent.name, source.name)
+        kind, base_model = kind or manifest.kind, base_model or manifest.base_model
+    if kind is None:
+        raise ValidationFailed.of("kind", f"is required: {source} has no {MANIFEST_NAME}")
+    manifest = registry.register(req.name, req.version, source, kind=kind,
+                                 base_model=base_model, notes=req.notes, link=req.link)
+    return manifest.model_dump(mode="json", exclude={"files"}) | {"files": len(manifest.files)}
+
+
+class AdminController(Controller):
+    path = "/v1/admin"
+    guards = [admin_guard]
+    dependencies = {"api": Provide(provide_api, sync_to_thread=False)}
+
+    # -- policy ------------------------------------------------------------------------
+
+    @get("/policy", operation_id="adminGetPolicy")
+    async def get_policy(self, api: ApiState) -> dict[str, Any]:
+        """The policy in force as canonical YAML (what `laneway policy diff` compares)."""
+        policy = api.live.snapshot.policy
+        return {"version": policy.version_id, "yaml": canonical_yaml(policy)}
+
+    @post("/policy", operation_id="adminApplyPolicy", status_code=200)
+    async def apply_policy(self, request: Request[Any, Any, Any], api: ApiState,
+                           reason: str = "") -> dict[str, Any]:
+        """Validate the YAML body and put it in force; 422 with every error otherwise."""
+        text = (await request.body()).decode("utf-8", errors="replace")
+        applied = await apply_policy_text(api.redis, text, Registry(api.settings.registry),
+                                          actor=actor_of(request), reason=reason,
+                                          source="request body")
+        await api.live.reload()
+        return asdict(applied)
+
+    @post("/policy/rollback", operation_id="adminRollbackPolicy", status_code=200)
+    async def rollback_policy(self, request: Request[Any, Any, Any], data: ToVersion,
+                              api: ApiState) -> dict[str, Any]:
+        applied = await rollback_policy(api.redis, Registry(api.settings.registry),
+                                        actor=actor_of(request), reason=data.reason,
+                                        to=data.to)
+        await api.live.reload()
+        return asdict(applied)
+
+    @get("/policy/history", operation_id="adminPolicyHistory")
+    async def policy_history(self, api: ApiState) -> list[dict[str, Any]]:
+        store = PolicyStore(api.redis)
+        current = await store.current_version()
+        return [asdict(c) | {"current": c.version == current} for c in await store.history()]
+
+    # -- rollouts ----------------------------------------------------------------------
+
+    @post("/rollouts", operation_id="adminStartRollout", status_code=201)
+    async def start(self, request: Request[Any, Any, Any], data: RolloutRequest,
+                    api: ApiState) -> dict[str, Any]:
+        registry = Registry(api.settings.registry)
+        if data.version not in registry.versions(data.model):
+            raise ValidationFailed.of("version", f"is not a registered version of "
+                                      f"{data.model}", data.version)
+        rollout = await start_rollout(
+            api.redis, model=data.model, version=data.version, now_s=time.time(),
+            actor=actor_of(request), reason=data.reason, steps=data.steps,
+            interval_s=data.interval_s, min_samples=data.min_samples,
+            thresholds=data.thresholds)
+        return _rollout_body(rollout)
+
+    @get("/rollouts", operation_id="adminListRollouts")
+    async def list_rollouts(self, api: ApiState) -> list[dict[str, Any]]:
+        return [_rollout_body(r) for r in await RolloutStore(api.redis).all()]
+
+    @get("/rollouts/{model:str}", operation_id="adminGetRollout")
+    async def get_rollout(self, model: str, api: ApiState) -> dict[str, Any]:
+        return _rollout_body(await RolloutStore(api.redis).require(model))
+
+    @post("/rollouts/{model:str}/{action:str}", operation_id="adminRolloutAction",
+          status_code=200)
+    async def act(self, request: Request[Any, Any, Any], model: str, action: str,
+                  api: ApiState, data: Reason | None = None) -> dict[str, Any]:
+        """promote | pause | resume | abort."""
+        phase = _ACTION_PHASE.get(action)
+        if phase is None:
+            raise ValidationFailed.of("action", "must be promote, pause, resume or abort",
+                                      action)
+        rollout = await RolloutStore(api.redis).require(model)
+        reason = (data.reason if data else "") or f"{action} by {actor_of(request)}"
+        after = await apply_transition(api.redis, rollout, phase, now_s=time.time(),
+                                       actor=actor_of(request), reason=reason)
+        return _rollout_body(after)
+
+    # -- models ------------------------------------------------------------------------
+
+    @post("/models/{model:str}/rollback", operation_id="adminRollbackModel", status_code=200)
+    async def rollback(self, request: Request[Any, Any, Any], model: str, api: ApiState,
+                       data: ToVersion | None = None) -> dict[str, Any]:
+        data = data or ToVersion()
+        result = await rollback_model(
+            api.redis, model, actor=actor_of(request), reason=data.reason or "on-call rollback",
+            now_s=time.time(), to=data.to,
+            known_versions=Registry(api.settings.registry).versions(model))
+        await api.live.reload()
+        return asdict(result)
+
+    @get("/models", operation_id="adminListModels")
+    async def models(self, api: ApiState) -> list[dict[str, Any]]:
+        """Every registered version with its role: stable, canary (with weight) or idle."""
+        registry = Registry(api.settings.registry)
+        deployments = await DeploymentStore(api.redis).all()
+        rows = []
+        for model in registry.models():
+            deployment = deployments.get(model)
+            for version in registry.versions(model):
+                role, weight = "", 0.0
+                if deployment and version == deployment.stable:
+                    role = "stable"
+                    weight = 100.0 - (deployment.canary_weight if deployment.canary else 0.0)
+                elif deployment and version == deployment.canary:
+                    role, weight = "canary", deployment.canary_weight
+                rows.append({"model": model, "version": version, "role": role,
+                             "weight": weight, "kind": registry.manifest(model, version).kind})
+        return rows
+
+    @post("/models", operation_id="adminRegisterModel", status_code=201)
+    async def register(self, request: Request[Any, Any, Any], data: RegisterRequest,
+                       api: ApiState) -> dict[str, Any]:
+        """Copy (or link) a folder into the registry as NAME/VERSION, after checking it."""
+        registry = Registry(api.settings.registry)
+        try:
+            manifest = await asyncio.to_thread(_register, registry, data)
+        except RegistryError as exc:
+            raise ValidationFailed.of("path", exc.message, data.path) from None
+        await audit.add(api.redis, audit.AuditEntry.now(
+            actor_of(request), "models.register", data.name, data.reason,
+            version=data.version, path=data.path))
+        return manifest
+
+    # -- audit -------------------------------------------------------------------------
+
+    @get("/audit", operation_id="adminAudit")
+    async def audit_log(self, api: ApiState, limit: int = 50,
+                        target: str | None = None) -> list[dict[str, Any]]:
+        if limit < 1:
+            raise ValidationFailed.of("limit", "must be at least 1", limit)
+        entries = await audit.recent(api.redis, limit_n=limit, target=target)
+        return [e.model_dump(mode="json") for e in entries]
+
+
+__all__ = ["AdminController", "admin_guard"]
