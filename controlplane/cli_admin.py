@@ -156,6 +156,8 @@ def policy_rollback(
 
 def policy_watch(
     file: Annotated[Path, typer.Argument(help="Policy YAML file to watch.")],
+    registry: Annotated[Path | None, typer.Option(
+        envvar="LANEWAY_REGISTRY", help="Model registry folder.")] = None,
 ) -> None:
     """Re-apply FILE whenever it changes (serve --watch runs this)."""
     import asyncio
@@ -170,7 +172,8 @@ def policy_watch(
         typer.echo("laneway policy watch needs LANEWAY_REDIS_URL", err=True)
         raise typer.Exit(EXIT_USAGE)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s watch %(levelname)s %(message)s")
-    asyncio.run(run_policy_watch(settings.redis_url, file, Registry(settings.registry)))
+    asyncio.run(run_policy_watch(settings.redis_url, file,
+                                 Registry(registry or settings.registry)))
 
 
 # -- models -------------------------------------------------------------------------------

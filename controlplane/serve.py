@@ -80,7 +80,7 @@ async def publish_policy(redis_url: str, policy: Policy, registry: Registry) -> 
 
 def child_commands(settings: Settings, policy: Policy) -> list[list[str]]:
     """The ``laneway`` sub-commands serve runs beside the API, one process each."""
-    return [["worker", "--device", settings.device], ["verifier"]]
+    return [["worker", "--device", settings.device], ["verifier"], ["controller"]]
 
 
 def start_child(settings: Settings, args: list[str]) -> subprocess.Popen[bytes]:
@@ -135,6 +135,9 @@ def _serve(settings: Settings, options: ServeOptions) -> None:
         if options.workers:
             children = [start_child(settings, args)
                         for args in child_commands(settings, policy)]
+        if options.watch:
+            children.append(start_child(settings, ["policy", "watch", str(options.policy_path),
+                                                   "--registry", str(settings.registry)]))
         from router.app import create_app
 
         log.info("API on http://%s:%d (policy %s)", settings.host, settings.port,
