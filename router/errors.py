@@ -13,8 +13,10 @@
     │   └── AdmissionRefused        429 with Retry-After
     ├── RetryableError              transient; carries the delay before the next try
     │   └── EngineUnavailable       a remote engine's circuit is open or its retries ran out
-    ├── JobCancelled                raised at a denoising step of a cancelled job
-    ├── StageTimeout                raised at a denoising step past the job's deadline
+    ├── StageStopped                a running stage stopped at a denoising step, on purpose
+    │   ├── JobCancelled            the job was cancelled
+    │   ├── StageTimeout            the job ran past its deadline
+    │   └── WorkerDraining          the worker is stopping; the stage goes back to its lane
     └── InternalError               5xx: a bug or a broken deployment
         ├── NoEngine                503: nothing can serve the route
         ├── PolicyError             a policy that does not load (field, line, reason)
@@ -128,18 +130,33 @@ class EngineUnavailable(RetryableError):
     code = "engine_unavailable"
 
 
-class JobCancelled(LanewayError):
-    """Raised inside a running stage (at a denoising step) when its job was cancelled."""
+class StageStopped(LanewayError):
+    """A running stage stopped at a denoising step on purpose; names the job it stopped."""
+
+    def __init__(self, message: str, *, job_id: str) -> None:
+        super().__init__(message)
+        self.job_id = job_id
+
+
+class JobCancelled(StageStopped):
+    """The job was cancelled while its stage ran."""
 
     code = "cancelled"
     status_code = 409
 
 
-class StageTimeout(LanewayError):
-    """A stage ran past its share of the route's ``timeout_s``; stopped at a denoising step."""
+class StageTimeout(StageStopped):
+    """The job ran past its route's ``timeout_s``."""
 
     code = "timeout"
     status_code = 504
+
+
+class WorkerDraining(StageStopped):
+    """The worker is shutting down and hands the stage back to its lane."""
+
+    code = "draining"
+    status_code = 503
 
 
 class InternalError(LanewayError):
