@@ -63,6 +63,8 @@ class Engine(abc.ABC):
     #: registry model name and version this instance was loaded from ("" for no model)
     model: str = ""
     model_version: str = ""
+    #: the policy's name for the engine this instance serves (set by ``build_engine``)
+    name: str = ""
 
     @abc.abstractmethod
     def run(self, items: list[StageItem]) -> list[list[Image.Image]]:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from controlplane.policy import EngineKind, EngineSpec
 from engines.base import Engine
 from engines.image2image import Image2ImageEngine, InpaintEngine
+from engines.openai_images import build_openai_images
 from engines.registry import Registry
 from engines.resize import ResizeEngine
 from engines.sim import SimEngine
@@ -40,14 +41,21 @@ BUILDERS: dict[EngineKind, EngineBuilder] = {
     EngineKind.upscale: _diffusers(X4UpscaleEngine),
     EngineKind.resize: lambda spec, registry, model_version, device: ResizeEngine(spec),
     EngineKind.sim: lambda spec, registry, model_version, device: SimEngine(spec),
+    EngineKind.openai_images: build_openai_images,
 }
 
 
 def build_engine(spec: EngineSpec, *, registry: Registry, model_version: str,
-                 device: str) -> Engine:
-    """The engine for ``spec``, loaded from ``registry`` at ``model_version`` on ``device``."""
+                 device: str, name: str = "") -> Engine:
+    """The engine for ``spec``, loaded from ``registry`` at ``model_version`` on ``device``.
+
+    ``name`` is the policy's name for the engine; remote engines key their circuit
+    breaker and rate limit by it.
+    """
     builder = BUILDERS.get(spec.kind)
     if builder is None:
         raise NoEngine(f"no engine builder for kind {spec.kind.value} "
                        f"(known: {', '.join(sorted(k.value for k in BUILDERS))})")
-    return builder(spec, registry, model_version, device)
+    engine = builder(spec, registry, model_version, device)
+    engine.name = name
+    return engine

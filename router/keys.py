@@ -122,3 +122,18 @@ def audit_log() -> str:
 def stable_history(model: str) -> str:
     """List of the stable versions a model has had, oldest first."""
     return f"{PREFIX}:deploy:{model}:stable-history"
+
+
+def circuit(engine: str) -> str:
+    """A remote engine's circuit breaker state (hash: state, failures, open_until_s)."""
+    return f"{PREFIX}:circuit:{engine}"
+
+
+def circuit_probe(engine: str) -> str:
+    """Held (SET NX with expiry) by the one call probing a half-open circuit."""
+    return f"{PREFIX}:circuit:{engine}:probe"
+
+
+def rate_slot(engine: str) -> str:
+    """Held for 60/rpm seconds after each call to a remote engine with ``rpm``."""
+    return f"{PREFIX}:rate:{engine}"
