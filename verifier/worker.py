@@ -78,8 +78,8 @@ class Verifier:
         self._policy_cache: dict[str, Policy] = {}
         self._stopping = asyncio.Event()
         self._executor: ThreadPoolExecutor | None = None
-        #: entries committed by this process (tests and logs read it)
-        self.verified = 0
+        #: entries this process acknowledged, with or without a verdict (tests read it)
+        self.acknowledged = 0
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -216,7 +216,7 @@ class Verifier:
                     break
                 except aioredis.WatchError:
                     continue
-        self.verified += 1
+        self.acknowledged += 1
 
     def _write_verdict(self, pipe: Pipeline, job: Job, checked: Checked, route: Route | None,
                        verify: Verify | None, history: list[dict[str, Any]]) -> None:
@@ -251,6 +251,7 @@ class Verifier:
         async with self.redis.pipeline(transaction=True) as pipe:
             _ack_in(pipe, entry_id)
             await pipe.execute()
+        self.acknowledged += 1
 
 
 def _ack_in(pipe: Pipeline, entry_id: bytes) -> None:
