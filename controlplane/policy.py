@@ -97,6 +97,7 @@ class EngineSpec(Strict):
     claim_idle_ms: PositiveInt = 30_000
     max_attempts: PositiveInt = 3
     cost_per_device_s: float | None = Field(default=None, ge=0)
+    native_size: PositiveInt | None = None
     sim: SimService | None = None
     base_url: str | None = None
     api_key_env: str | None = None
@@ -134,7 +135,7 @@ class Match(Strict):
 class Stage(Strict):
     engine: str
     scale: float | None = Field(default=None, gt=0, le=8)
-    size: Literal["native", "target", "scaled"] = "scaled"
+    size: Literal["input", "native", "target"] | None = None
     strength: float | None = Field(default=None, gt=0, le=1)
     steps: PositiveInt | None = None
     fallback: tuple[str, ...] = ()
