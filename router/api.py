@@ -4,28 +4,34 @@ from __future__ import annotations
 
 import asyncio
 import io
-import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import redis.asyncio as aioredis
-from litestar import Controller, Response, get, post
+from litestar import Controller, Response, delete, get, post
 from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.enums import MediaType
-from litestar.response import File
+from litestar.params import Parameter
+from litestar.response import File, ServerSentEvent, ServerSentEventMessage
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from controlplane.live_config import LiveConfig
 from controlplane.settings import Settings
 from engines.artifacts import ArtifactStore
-from router import keys
+from router.cancel import cancel_job
 from router.errors import NotFound, ValidationFailed
+from router.job_events import job_event_messages
 from router.jobs import Job, JobStore
+from router.metrics import render_metrics
 from router.requests import ImageRequest
+from router.status import live_workers, status_body
 from router.submit import Submitter
+from router.tenants import authenticate
 from router.waiters import JobWaiters
 
-WORKER_STALE_S = 10.0
+AuthorizationHeader = Annotated[str | None, Parameter(header="Authorization", required=False)]
 
 
 @dataclass
@@ -56,25 +62,57 @@ class JobsController(Controller):
     dependencies = {"api": Provide(provide_api, sync_to_thread=False)}
 
     @post("/images", operation_id="submitImage", status_code=202)
-    async def submit(self, data: ImageRequest, api: ApiState) -> Response[dict[str, Any]]:
-        """Accept a generation; with ``wait`` > 0, hold the request until it ends or times out."""
-        if data.wait <= 0:
-            job = await api.submitter.submit(data)
-            return _job_response(job, status_code=202)
-        job = await api.submitter.submit(data)
+    async def submit(
+        self, data: ImageRequest, api: ApiState, authorization: AuthorizationHeader = None,
+        idempotency_key: Annotated[str | None, Parameter(
+            header="Idempotency-Key", required=False)] = None,
+    ) -> Response[dict[str, Any]]:
+        """Accept a generation; with ``wait`` > 0, hold the request until it ends or times out.
+
+        A repeated ``Idempotency-Key`` answers with the original job (header
+        ``Idempotent-Replayed: true``): 200 when it has ended, else 202.
+        """
+        tenant = authenticate(api.live.snapshot.policy, authorization)
+        accepted = await api.submitter.submit(data, tenant=tenant,
+                                              idempotency_key=idempotency_key)
+        job = accepted.job
+        headers = {"Idempotent-Replayed": "true"} if accepted.replayed else {}
+        if data.wait <= 0 or job.status.is_final:
+            return Response(job.public(), status_code=200 if job.status.is_final else 202,
+                            headers=headers)
         # Register, then re-read: a job that ended before registration is seen by the read,
         # one that ends after it wakes the future.
         submitted = api.waiters.register(job.id)
         try:
             current = await api.jobs.get(job.id)
             if current.status.is_final:
-                return _job_response(current)
+                return Response(current.public(), headers=headers)
             finished = await asyncio.wait_for(asyncio.shield(submitted), timeout=data.wait)
-            return _job_response(finished)
+            return Response(finished.public(), headers=headers)
         except TimeoutError:
-            return _job_response(await api.jobs.get(job.id), status_code=202)
+            return Response((await api.jobs.get(job.id)).public(), status_code=202,
+                            headers=headers)
         finally:
             api.waiters.forget(job.id, submitted)
+
+    @delete("/jobs/{job_id:str}", operation_id="cancelJob", status_code=200)
+    async def cancel(self, job_id: str, api: ApiState,
+                     authorization: AuthorizationHeader = None) -> Response[dict[str, Any]]:
+        """Cancel a job; idempotent: an ended job is returned unchanged."""
+        policy = api.live.snapshot.policy
+        tenant = authenticate(policy, authorization) if policy.tenants else None
+        job, _ = await cancel_job(api.redis, job_id, job_ttl_s=api.settings.job_ttl_s,
+                                  tenant=tenant)
+        return _job_response(job)
+
+    @get("/jobs/{job_id:str}/events", operation_id="getJobEvents")
+    async def events(self, job_id: str, api: ApiState, last_event_id: Annotated[
+            str | None, Parameter(header="Last-Event-ID", required=False)] = None,
+                     ) -> ServerSentEvent:
+        """The job's events as Server-Sent Events: its state first, then its history, live."""
+        messages: AsyncIterator[ServerSentEventMessage] = await job_event_messages(
+            api.redis, api.jobs, job_id, last_event_id=last_event_id)
+        return ServerSentEvent(messages)
 
     @get("/jobs/{job_id:str}", operation_id="getJob")
     async def get_job(self, job_id: str, api: ApiState) -> Response[dict[str, Any]]:
@@ -110,6 +148,17 @@ class SystemController(Controller):
         body["policy_version"] = policy.version_id
         return body
 
+    @get("/v1/status", operation_id="getStatus")
+    async def status(self, api: ApiState) -> dict[str, Any]:
+        """Lanes (depth, oldest age), live workers (slots, heartbeat) and deployments."""
+        return await status_body(api.redis, api.live.snapshot)
+
+    @get("/metrics", operation_id="metrics", media_type=CONTENT_TYPE_LATEST)
+    async def metrics(self, api: ApiState) -> Response[bytes]:
+        """Prometheus text: lanes, slots, stage times, admission, job outcomes, spend."""
+        body = await render_metrics(api.redis, api.live.snapshot.policy)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
+
     @get("/healthz", operation_id="healthz", media_type=MediaType.JSON)
     async def healthz(self) -> dict[str, str]:
         return {"status": "ok"}
@@ -129,21 +178,3 @@ class SystemController(Controller):
                 "policy_version": api.live.snapshot.policy.version_id, "workers": len(workers)}
         return Response(body, status_code=200 if not problems else 503)
 
-
-async def live_workers(redis: aioredis.Redis) -> list[dict[str, Any]]:
-    """Workers whose heartbeat is fresher than WORKER_STALE_S."""
-    names = await redis.smembers(keys.workers())
-    if not names:
-        return []
-    async with redis.pipeline(transaction=False) as pipe:
-        for name in names:
-            pipe.hgetall(keys.worker_heartbeat(name.decode()))
-        rows = await pipe.execute()
-    out = []
-    for row in rows:
-        if not row:
-            continue
-        info = {k.decode(): v.decode() for k, v in row.items()}
-        if time.time() - float(info.get("heartbeat_at", 0)) <= WORKER_STALE_S:
-            out.append(info)
-    return out

@@ -124,6 +124,21 @@ def stable_history(model: str) -> str:
     return f"{PREFIX}:deploy:{model}:stable-history"
 
 
+def admission_outcomes() -> str:
+    """Admission decisions, fields ``route|tier|outcome`` (accepted/rejected/degraded/deferred)."""
+    return f"{PREFIX}:metrics:admission"
+
+
+def deferred_stream() -> str:
+    """Accepted deferrable jobs waiting for interactive load to fall (entries name the job)."""
+    return f"{PREFIX}:deferred"
+
+
+def deferral_lock() -> str:
+    """Held (with expiry) by the one API process that releases deferred jobs."""
+    return f"{PREFIX}:deferred:lock"
+
+
 def circuit(engine: str) -> str:
     """A remote engine's circuit breaker state (hash: state, failures, open_until_s)."""
     return f"{PREFIX}:circuit:{engine}"

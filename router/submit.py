@@ -1,7 +1,8 @@
-"""Accepting a request: validate against the policy, route, pick versions, enqueue.
+"""Accepting a request: validate, route, honour Idempotency-Key, admit, pick versions, enqueue.
 
-The accepted job and its first stage entry are written in one Redis transaction, so a job
-is either fully queued or not accepted at all.
+The accepted job, its first stage entry (or its deferred entry), the route's in-flight
+count, the admission outcome and the idempotency claim are written in one Redis
+transaction, so a job is either fully queued or not accepted at all.
 """
 
 from __future__ import annotations
@@ -13,16 +14,20 @@ import redis.asyncio as aioredis
 from opentelemetry.trace import Status, StatusCode
 
 from controlplane.live_config import LiveConfig, Snapshot
-from controlplane.policy import Mode, Route
+from controlplane.policy import EngineKind, Mode, Policy, Route, Stage
 from engines.artifacts import ArtifactStore
-from router import keys
-from router.errors import FieldError, LanewayError
+from engines.circuit import is_open
+from router import keys, route_counters
+from router.admission import AdmissionControl, Admitted, record_outcome
+from router.errors import FieldError, LanewayError, NoEngine
+from router.idempotency import IdempotencyKeys, check_key
 from router.image_input import decode_image
-from router.jobs import Job, JobRequest, LoraRequest, StageRecord, StageStatus, now_ms
+from router.jobs import Job, JobRequest, JobStore, LoraRequest, StageRecord, StageStatus, now_ms
 from router.queue import add_event, enqueue_stage
 from router.requests import ImageRequest, check_against_policy, raise_if_any
 from router.routing import RequestFacts, choose_route
 from router.telemetry import current_carrier, current_trace_id, tracer
+from router.tenants import DEFAULT_TENANT, check_tier
 
 _tracer = tracer("laneway.router")
 
@@ -31,14 +36,36 @@ def new_job_id() -> str:
     return "j_" + secrets.token_hex(10)
 
 
+@dataclass(frozen=True)
+class Accepted:
+    job: Job
+    #: the job was accepted earlier under the same Idempotency-Key
+    replayed: bool = False
+
+
 @dataclass
 class Submitter:
     redis: aioredis.Redis
     live: LiveConfig
     artifacts: ArtifactStore
     job_ttl_s: int
+    idempotency_ttl_s: int = 24 * 3600
 
-    async def submit(self, req: ImageRequest, *, tenant: str = "default") -> Job:
+    def __post_init__(self) -> None:
+        self.admission = AdmissionControl(self.redis)
+        self.idempotency = IdempotencyKeys(self.redis, ttl_s=self.idempotency_ttl_s)
+        self.jobs = JobStore(self.redis, ttl_s=self.job_ttl_s)
+
+    async def submit(self, req: ImageRequest, *, tenant: str = DEFAULT_TENANT,
+                     idempotency_key: str | None = None,
+                     route_name: str | None = None) -> Accepted:
+        """Accept ``req`` (or return the job its Idempotency-Key already names).
+
+        ``route_name`` names the route to use instead of matching the policy's rules (an alias
+        of the OpenAI-compatible endpoint may name one).
+        """
+        if idempotency_key is not None:
+            check_key(idempotency_key)
         snapshot = self.live.snapshot
         policy = snapshot.policy
         errors = check_against_policy(req, policy)
@@ -46,6 +73,7 @@ class Submitter:
         raise_if_any(errors)
 
         tier = req.tier or policy.default_tier
+        check_tier(policy, tenant, tier)
         width = req.width or policy.limits.default_width
         height = req.height or policy.limits.default_height
         facts = RequestFacts(intent=req.intent, has_text=bool(req.expected_text()), tier=tier,
@@ -53,19 +81,36 @@ class Submitter:
         job_id = new_job_id()
         with _tracer.start_as_current_span("laneway.route") as span:
             try:
-                route = choose_route(policy, facts)
+                asked = (policy.route(route_name) if route_name
+                         else choose_route(policy, facts))
+                if idempotency_key is not None:
+                    original = await self.idempotency.claim_or_original(
+                        tenant, idempotency_key, job_id, self.jobs)
+                    if original is not None:
+                        span.set_attribute("laneway.idempotent_replay", original.id)
+                        return Accepted(original, replayed=True)
+                try:
+                    admitted = await self.admission.admit(policy, asked, tier=tier)
+                    stages = await self._stage_records(admitted.route, snapshot, job_id)
+                except LanewayError:
+                    if idempotency_key is not None:
+                        await self.idempotency.release(tenant, idempotency_key, job_id)
+                    raise
             except LanewayError as exc:
                 span.set_status(Status(StatusCode.ERROR, exc.message))
                 raise
+            route = admitted.route
             span.set_attributes({
                 "laneway.job_id": job_id, "laneway.route": route.name,
                 "laneway.engine": route.stages[0].engine,
                 "laneway.policy_version": policy.version_id, "laneway.tier": tier,
+                "laneway.admission": admitted.outcome.value,
             })
             job = Job(
                 id=job_id,
                 intent=req.intent.value,
                 route=route.name,
+                degraded_from=admitted.degraded_from,
                 policy_version=policy.version_id,
                 request=JobRequest(
                     prompt=req.prompt, negative_prompt=req.negative_prompt, width=width,
@@ -76,7 +121,7 @@ class Submitter:
                     text=req.expected_text(), tier=tier, tenant=tenant, metadata=req.metadata,
                     has_image=req.image is not None, has_mask=req.mask is not None,
                 ),
-                stages=self._stage_records(route, snapshot, job_id),
+                stages=stages,
                 trace_id=current_trace_id(),
                 trace_context=current_carrier(),
                 deadline_ms=now_ms() + int(route.timeout_s * 1000),
@@ -84,10 +129,11 @@ class Submitter:
             for name, image in images.items():
                 self.artifacts.save(self.artifacts.input_path(job_id, name), image)
             with _tracer.start_as_current_span("laneway.enqueue") as enqueue_span:
-                await self._enqueue(job)
-                enqueue_span.set_attribute("laneway.stream",
-                                           keys.engine_stream(job.stages[0].engine, tier))
-        return job
+                await self._enqueue(job, asked, admitted, idempotency_key)
+                enqueue_span.set_attribute(
+                    "laneway.stream", keys.deferred_stream() if admitted.deferred
+                    else keys.engine_stream(job.stages[0].engine, tier))
+        return Accepted(job)
 
     def _decode_inputs(self, req: ImageRequest, snapshot: Snapshot,
                        errors: list[FieldError]) -> dict[str, object]:
@@ -109,24 +155,51 @@ class Submitter:
                     "mask", f"is {size_m[0]}x{size_m[1]} but image is {size_i[0]}x{size_i[1]}"))
         return decoded
 
-    @staticmethod
-    def _stage_records(route: Route, snapshot: Snapshot, job_id: str) -> list[StageRecord]:
+    async def _stage_records(self, route: Route, snapshot: Snapshot,
+                             job_id: str) -> list[StageRecord]:
+        """One record per stage; a stage whose engine's circuit is open goes to the first
+        of its ``fallback`` engines whose circuit is closed (recorded as ``fallback_from``)."""
         records = []
         for i, stage in enumerate(route.stages):
-            spec = snapshot.policy.engines[stage.engine]
+            engine = await self._available_engine(stage, snapshot.policy)
+            spec = snapshot.policy.engines[engine]
             model = spec.model if spec.is_local_model else None
             records.append(StageRecord(
-                engine=stage.engine,
+                engine=engine,
                 model=model,
                 model_version=snapshot.model_version(model, job_id) if model else None,
                 status=StageStatus.queued if i == 0 else StageStatus.pending,
+                fallback_from=stage.engine if engine != stage.engine else None,
             ))
         return records
 
-    async def _enqueue(self, job: Job) -> None:
+    async def _available_engine(self, stage: Stage, policy: Policy) -> str:
+        """The stage's engine, or its first fallback when its circuit is open."""
+        for engine in (stage.engine, *stage.fallback):
+            # only remote engines have circuits: local routes cost no round trip here
+            if (policy.engines[engine].kind is not EngineKind.openai_images
+                    or not await is_open(self.redis, engine)):
+                return engine
+        tried = ", ".join((stage.engine, *stage.fallback))
+        raise NoEngine(f"engine {stage.engine}: circuit open and no fallback engine is "
+                       f"available (tried: {tried})")
+
+    async def _enqueue(self, job: Job, asked: Route, admitted: Admitted,
+                       idempotency_key: str | None) -> None:
+        """Write the accepted job: its first stage entry, or a deferred entry, and counters."""
         async with self.redis.pipeline(transaction=True) as pipe:
-            enqueue_stage(pipe, job, 0)
+            if admitted.deferred:
+                pipe.xadd(keys.deferred_stream(), {"job": job.id})
+                kind = "deferred"
+            else:
+                enqueue_stage(pipe, job, 0)
+                kind = "queued"
             pipe.set(keys.job(job.id), job.model_dump_json(), ex=self.job_ttl_s, nx=True)
-            add_event(pipe, job.id, "queued", route=job.route, stage=0,
-                      engine=job.stages[0].engine)
+            add_event(pipe, job.id, kind, route=job.route, stage=0,
+                      engine=job.stages[0].engine, degraded_from=job.degraded_from)
+            route_counters.on_accept(pipe, job.route)
+            record_outcome(pipe, route=asked.name, tier=job.request.tier,
+                           outcome=admitted.outcome)
+            if idempotency_key is not None:
+                self.idempotency.commit(pipe, job.request.tenant, idempotency_key, job.id)
             await pipe.execute()

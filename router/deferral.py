@@ -1,0 +1,135 @@
+"""Releasing deferred jobs when interactive load falls (``on_full: defer``).
+
+Deferred jobs wait, accepted, in one stream (``keys.deferred_stream``) in arrival order.
+Every ``tick_s`` the process holding the deferral lock (a Redis key with expiry, so one
+API process releases at a time and another takes over within ``LOCK_TTL_MS`` when it
+dies) measures interactive work in flight: the depth of the lanes of non-deferrable tiers
+(entries are deleted on ack, so depth counts queued and running stages). While that is at
+most ``policy.defer.max_interactive_depth`` (0: only when interactive lanes are empty), it
+moves deferred jobs to their engine lanes in order, keeping at most
+``MAX_RELEASED_DEPTH`` entries waiting in the deferrable lanes so deferred work stays
+deferred if interactive load comes back. A job cancelled while deferred is dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from controlplane.live_config import LiveConfig
+from controlplane.policy import Policy
+from router import keys
+from router.jobs import Job
+from router.queue import add_event, enqueue_stage
+
+log = logging.getLogger(__name__)
+
+TICK_S = 0.2
+LOCK_TTL_MS = 5000
+MAX_RELEASED_DEPTH = 32
+
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+_UNLOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+async def lane_depths(redis: aioredis.Redis, policy: Policy) -> dict[tuple[str, str], int]:
+    """XLEN of every ``(engine, tier)`` lane of the policy, in one round trip."""
+    lanes = [(engine, tier) for engine in policy.engines for tier in policy.tiers]
+    async with redis.pipeline(transaction=False) as pipe:
+        for engine, tier in lanes:
+            pipe.xlen(keys.engine_stream(engine, tier))
+        depths = await pipe.execute()
+    return dict(zip(lanes, (int(d) for d in depths), strict=True))
+
+
+class DeferralDispatcher:
+    def __init__(self, redis: aioredis.Redis, live: LiveConfig, *, job_ttl_s: int,
+                 tick_s: float = TICK_S) -> None:
+        self.redis = redis
+        self.live = live
+        self.job_ttl_s = job_ttl_s
+        self.tick_s = tick_s
+        self.owner = secrets.token_hex(8)
+        self._renew = redis.register_script(_RENEW)
+        self._unlock = redis.register_script(_UNLOCK)
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is None:
+            return
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        with contextlib.suppress(aioredis.RedisError):
+            await self._unlock(keys=[keys.deferral_lock()], args=[self.owner])
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                if await self.hold_lock():
+                    await self.release_ready(self.live.snapshot.policy)
+            except aioredis.RedisError:
+                log.warning("deferral loop: Redis unavailable; retrying", exc_info=True)
+            await asyncio.sleep(self.tick_s)
+
+    async def hold_lock(self) -> bool:
+        """Take the deferral lock, or extend it when this process holds it already."""
+        lock = keys.deferral_lock()
+        if await self.redis.set(lock, self.owner, nx=True, px=LOCK_TTL_MS):
+            return True
+        return bool(await self._renew(keys=[lock], args=[self.owner, LOCK_TTL_MS]))
+
+    async def release_ready(self, policy: Policy) -> int:
+        """Move as many deferred jobs to their lanes as the load allows; return how many."""
+        depths = await lane_depths(self.redis, policy)
+        interactive = sum(d for (_, tier), d in depths.items()
+                          if not policy.tiers[tier].deferrable)
+        if interactive > policy.defer.max_interactive_depth:
+            return 0
+        waiting = sum(d for (_, tier), d in depths.items() if policy.tiers[tier].deferrable)
+        budget = MAX_RELEASED_DEPTH - waiting
+        if budget <= 0:
+            return 0
+        released = 0
+        entries: Any = await self.redis.xrange(keys.deferred_stream(), count=budget)
+        for entry_id, fields in entries:
+            released += await self._release(entry_id, fields[b"job"].decode())
+        return released
+
+    async def _release(self, entry_id: bytes, job_id: str) -> int:
+        key = keys.job(job_id)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    await pipe.watch(key)
+                    raw = await pipe.get(key)
+                    job = None if raw is None else Job.model_validate_json(raw)
+                    pipe.multi()
+                    pipe.xdel(keys.deferred_stream(), entry_id)
+                    if job is None or job.status.is_final:  # cancelled (or expired) meanwhile
+                        await pipe.execute()
+                        return 0
+                    enqueue_stage(pipe, job, 0)
+                    pipe.set(key, job.model_dump_json(), ex=self.job_ttl_s)
+                    add_event(pipe, job_id, "queued", route=job.route, stage=0,
+                              engine=job.stages[0].engine, released=True)
+                    await pipe.execute()
+                    return 1
+                except aioredis.WatchError:
+                    continue
