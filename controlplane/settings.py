@@ -27,6 +27,8 @@ class Settings(BaseSettings):
     torch_threads: int = 1
     admin_token: str | None = None
     node_name: str = Field(default="node-1", description="prefix of worker names")
+    drain_timeout_s: float = Field(default=30.0, description="worker: finish running "
+                                   "stages for this long on SIGTERM, then hand them back")
     job_ttl_s: int = 7 * 24 * 3600
     idempotency_ttl_s: int = 24 * 3600
     verify_claim_idle_ms: int = Field(

@@ -28,6 +28,7 @@ async def _serve(settings: Settings, device: str, engines: frozenset[str] | None
         name=worker_name(settings, device), device=device,
         registry=Registry(settings.registry), artifacts=ArtifactStore(settings.artifacts),
         job_ttl_s=settings.job_ttl_s, engines=engines,
+        drain_timeout_s=settings.drain_timeout_s,
     ))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
