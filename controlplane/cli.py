@@ -6,6 +6,7 @@ Exit codes (CONTRACT.md): 0 ok, 1 refused or invalid, 2 usage, 3 server unreacha
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -87,6 +88,7 @@ def worker(
     if not settings.redis_url:
         raise _fail("laneway worker needs --redis-url or LANEWAY_REDIS_URL", EXIT_USAGE)
     names = frozenset(n.strip() for n in engines.split(",") if n.strip()) if engines else None
+    os.environ["LANEWAY_REDIS_URL"] = settings.redis_url  # remote engines' circuits read it
     run_worker(settings, device=device, engines=names)
 
 

@@ -23,7 +23,7 @@ import uvicorn
 
 from controlplane.deployments import DeploymentStore
 from controlplane.embedded_redis import EmbeddedRedis
-from controlplane.policy import Policy, check_models
+from controlplane.policy import EngineKind, Policy, check_models
 from controlplane.policy_loader import load_policy
 from controlplane.policy_store import PolicyStore
 from controlplane.settings import Settings
@@ -79,8 +79,16 @@ async def publish_policy(redis_url: str, policy: Policy, registry: Registry) -> 
 
 
 def child_commands(settings: Settings, policy: Policy) -> list[list[str]]:
-    """The ``laneway`` sub-commands serve runs beside the API, one process each."""
-    return [["worker", "--device", settings.device], ["verifier"], ["controller"]]
+    """The ``laneway`` sub-commands serve runs beside the API, one process each.
+
+    Remote engines (``http.openai_images``) get a worker of their own with no device.
+    """
+    commands = [["worker", "--device", settings.device], ["verifier"], ["controller"]]
+    remote = [name for name, spec in policy.engines.items()
+              if spec.kind is EngineKind.openai_images]
+    if remote:
+        commands.append(["worker", "--engines", ",".join(remote), "--device", "none"])
+    return commands
 
 
 def start_child(settings: Settings, args: list[str]) -> subprocess.Popen[bytes]:

@@ -20,6 +20,7 @@ from router.api import ApiState, JobsController, SystemController
 from router.deferral import DeferralDispatcher
 from router.errors import AdmissionRefused, LanewayError
 from router.jobs import JobStore
+from router.openai_compat import OpenAIImagesController
 from router.submit import Submitter
 from router.telemetry import setup_tracing, shutdown_tracing
 from router.waiters import JobWaiters
@@ -87,7 +88,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
             shutdown_tracing()
 
     return Litestar(
-        route_handlers=[JobsController, SystemController, AdminController],
+        route_handlers=[JobsController, SystemController, AdminController,
+                        OpenAIImagesController],
         lifespan=[lifespan],
         dependencies={},
         state=state.as_litestar_state(),

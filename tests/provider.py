@@ -2,7 +2,7 @@
 
 It is a real HTTP server (the boundary a remote engine talks to): it records every request
 with its arrival time and headers, counts requests in flight, and answers either with the
-next scripted reply or with ``n`` PNG images of the requested size.
+next scripted reply, the ``always`` reply, or ``n`` PNG images of the requested size.
 """
 
 from __future__ import annotations
@@ -44,8 +44,9 @@ def png_b64(width: int, height: int, colour: tuple[int, int, int] = (200, 40, 40
 class Provider:
     """``POST /v1/images/generations`` on 127.0.0.1; ``base_url`` is ``{url}/v1``."""
 
-    def __init__(self, *, delay_s: float = 0.0) -> None:
+    def __init__(self, *, delay_s: float = 0.0, always: Reply | None = None) -> None:
         self.delay_s = delay_s
+        self.always = always
         self.seen: list[Seen] = []
         self.script: deque[Reply] = deque()
         self.in_flight = 0
@@ -86,7 +87,7 @@ class Provider:
             self.seen.append(Seen(time.monotonic(), path, headers, body))
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
-            reply = self.script.popleft() if self.script else None
+            reply = self.script.popleft() if self.script else self.always
         try:
             time.sleep(self.delay_s)
             if reply is not None:
