@@ -71,11 +71,10 @@ class DeferralDispatcher:
         self._task = asyncio.create_task(self._run())
 
     async def stop(self) -> None:
-        if self._task is None:
-            return
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
         with contextlib.suppress(aioredis.RedisError):
             await self._unlock(keys=[keys.deferral_lock()], args=[self.owner])
 
