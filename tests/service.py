@@ -122,3 +122,42 @@ class Service:
                 os.kill(pid, signal.SIGKILL)
             self.process.kill()
             raise
+
+
+def bundled_redis_url(home: Path) -> str:
+    """The URL of the bundled server a Service started under ``home``."""
+    import json
+
+    state = json.loads((home / "valkey" / "server.json").read_text())
+    return f"redis://127.0.0.1:{state['port']}/0"
+
+
+@dataclass
+class WorkerProcess:
+    """A ``laneway worker`` subprocess against a service's Redis."""
+
+    service: Service
+    engines: str
+    extra_env: dict[str, str] = field(default_factory=dict)
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> WorkerProcess:
+        env = self.service.env()
+        env.update({"LANEWAY_REDIS_URL": bundled_redis_url(self.service.home),
+                    **self.extra_env})
+        log = (self.service.home / "workers.log").open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "controlplane.cli", "worker", "--engines", self.engines],
+            env=env, stdout=log, stderr=subprocess.STDOUT)
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 60) -> int:
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        return self.process.wait(timeout=timeout_s)

@@ -1,0 +1,179 @@
+"""Worker behaviour through real processes: tier weights, the batched lane, crashes, drain."""
+
+from __future__ import annotations
+
+import base64
+import io
+import signal
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
+
+import httpx
+import pytest
+import redis
+from PIL import Image
+
+from engines.registry import Registry
+from router import keys
+from tests.conftest import POLICIES
+from tests.service import Service, WorkerProcess, bundled_redis_url
+
+POLICY = POLICIES / "worker.yaml"
+
+
+def png_b64(size: tuple[int, int] = (16, 16)) -> str:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (200, 40, 40)).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+@pytest.fixture(scope="module")
+def api(tiny_registry: Registry, tmp_path_factory: pytest.TempPathFactory
+        ) -> Iterator[Service]:
+    """The API and bundled server only; each test starts the workers it needs."""
+    svc = Service(home=tmp_path_factory.mktemp("workers"), registry=tiny_registry.root,
+                  policy=POLICY, extra_args=["--no-workers"], ready_path="/healthz")
+    svc.start()
+    yield svc
+    svc.stop()
+
+
+def redis_of(api: Service) -> redis.Redis:
+    return redis.Redis.from_url(bundled_redis_url(api.home))
+
+
+def wait_for_workers(api: Service, *workers: WorkerProcess, timeout_s: float = 60) -> None:
+    client = redis_of(api)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        names = {n.decode() for n in client.smembers(keys.workers())}
+        if all(any(n.endswith(f"/{w.pid}") for n in names) for w in workers):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"workers {[w.pid for w in workers]} never sent a heartbeat")
+
+
+def submit(client: httpx.Client, **body: object) -> dict:
+    response = client.post("/v1/images", json={"prompt": "a heron", **body})
+    assert response.status_code in (200, 202), response.text
+    return response.json()
+
+
+def wait_final(client: httpx.Client, job_id: str, timeout_s: float = 90) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        if job["status"] in ("completed", "failed", "cancelled"):
+            return job
+        time.sleep(0.1)
+    raise AssertionError(f"job {job_id} did not finish: {job}")
+
+
+def wait_running(client: httpx.Client, job_id: str, timeout_s: float = 60) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        if job["stages"][0]["status"] == "running":
+            return job
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} never started: {job}")
+
+
+def test_tiers_share_one_slot_by_weight(api: Service) -> None:
+    with api.client() as client:
+        ids = []
+        for i in range(30):  # queued before any worker exists
+            for tier in ("premium", "batch"):
+                ids.append(submit(client, mode="img2img", image=png_b64(), width=32,
+                                  height=32, tier=tier, seed=i)["id"])
+        worker = WorkerProcess(api, "shrink").start()
+        try:
+            jobs = [wait_final(client, job_id) for job_id in ids]
+        finally:
+            assert worker.stop() == 0
+    assert all(j["status"] == "completed" and j["route"] == "shrink" for j in jobs)
+    order = sorted(jobs, key=lambda j: datetime.fromisoformat(j["stages"][0]["started_at"]))
+    first = [j["tier"] for j in order[:40]]
+    # weights 3:1 → 30 premium in the first 40 (±20 %); the low tier still progresses
+    assert 24 <= first.count("premium") <= 36
+    assert first.count("batch") >= 6
+
+
+def test_upscale_lane_batches_under_load_and_alone(api: Service) -> None:
+    worker = WorkerProcess(api, "turbo,x2").start()
+    try:
+        wait_for_workers(api, worker)
+        with api.client() as client, ThreadPoolExecutor(max_workers=12) as pool:
+            jobs = list(pool.map(lambda i: submit(client, intent="final", seed=i, wait=60),
+                                 range(12)))
+            lone = submit(client, intent="final", seed=99, wait=60)
+    finally:
+        assert worker.stop() == 0
+    sizes = [j["stages"][1]["batch_size"] for j in jobs]
+    assert all(j["status"] == "completed" for j in jobs)
+    assert max(sizes) > 1 and max(sizes) <= 4
+    assert all(j["images"][0]["width"] == 128 for j in jobs)
+    upscale = lone["stages"][1]
+    assert upscale["batch_size"] == 1
+    # a lone item waits for max_wait_ms (150) at most, plus scheduling slack
+    assert upscale["queued_ms"] <= 150 + 250
+
+
+def test_a_killed_worker_s_stage_completes_elsewhere(api: Service) -> None:
+    first, second = WorkerProcess(api, "slow").start(), WorkerProcess(api, "slow").start()
+    try:
+        wait_for_workers(api, first, second)
+        with api.client() as client:
+            job = submit(client, intent="auto", prompt='a sign that says "OPEN"')
+            running = wait_running(client, job["id"])
+            victim = first if running["stages"][0]["worker"].endswith(f"/{first.pid}") \
+                else second
+            survivor = second if victim is first else first
+            victim.stop(sig=signal.SIGKILL)
+            done = wait_final(client, job["id"])
+    finally:
+        survivor.stop()
+    assert done["status"] == "completed", done
+    stage = done["stages"][0]
+    assert stage["attempts"] == 2
+    assert stage["worker"].endswith(f"/{survivor.pid}")
+
+
+def test_attempts_exhausted_fail_with_the_cause_into_dead_letter(api: Service) -> None:
+    first = WorkerProcess(api, "fragile").start()
+    wait_for_workers(api, first)
+    with api.client() as client:
+        job = submit(client, intent="auto", tier="batch")
+        running = wait_running(client, job["id"])
+        first.stop(sig=signal.SIGKILL)
+        second = WorkerProcess(api, "fragile").start()
+        try:
+            done = wait_final(client, job["id"])
+        finally:
+            second.stop()
+    assert done["status"] == "failed"
+    assert "gave up after 1 attempts" in done["error"]
+    assert running["stages"][0]["worker"] in done["error"]
+    dead = redis_of(api).xrange(keys.dead_letter_stream())
+    assert any(fields[b"job"].decode() == job["id"] for _, fields in dead)
+
+
+def test_sigterm_drains_and_hands_back_what_cannot_finish(api: Service) -> None:
+    leaving = WorkerProcess(api, "slow", extra_env={"LANEWAY_DRAIN_TIMEOUT_S": "0.3"}).start()
+    wait_for_workers(api, leaving)
+    with api.client() as client:
+        job = submit(client, intent="auto", prompt='a sign that says "SHUT"')
+        wait_running(client, job["id"])
+        assert leaving.stop(sig=signal.SIGTERM) == 0
+        handed_back = client.get(f"/v1/jobs/{job['id']}").json()
+        assert handed_back["status"] == "queued"
+        assert "handed back" in handed_back["stages"][0]["error"]
+        staying = WorkerProcess(api, "slow").start()
+        try:
+            done = wait_final(client, job["id"])
+        finally:
+            staying.stop()
+    assert done["status"] == "completed"
+    assert done["stages"][0]["worker"].endswith(f"/{staying.pid}")
