@@ -86,9 +86,9 @@ class JobsController(Controller):
         try:
             current = await api.jobs.get(job.id)
             if current.status.is_final:
-                return Response(current.public(), headers=headers)
+                return Response(current.public(), status_code=200, headers=headers)
             finished = await asyncio.wait_for(asyncio.shield(submitted), timeout=data.wait)
-            return Response(finished.public(), headers=headers)
+            return Response(finished.public(), status_code=200, headers=headers)
         except TimeoutError:
             return Response((await api.jobs.get(job.id)).public(), status_code=202,
                             headers=headers)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -104,21 +105,24 @@ class Router:
             assert time.monotonic() < deadline, f"job never became {status}: {job}"
             await asyncio.sleep(0.05)
 
-    async def events(self, job_id: str) -> list[tuple[str, dict[str, Any]]]:
-        """The job's SSE stream read to its end: ``(event, data)`` pairs."""
-        import json
-
-        out: list[tuple[str, dict[str, Any]]] = []
-        async with self.http.stream("GET", f"/v1/jobs/{job_id}/events") as response:
+    async def events(self, job_id: str, *, last_event_id: str | None = None
+                     ) -> list[tuple[str, dict[str, Any], str | None]]:
+        """The job's SSE stream read to its end: ``(event, data, id)`` triples."""
+        headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
+        out: list[tuple[str, dict[str, Any], str | None]] = []
+        async with self.http.stream("GET", f"/v1/jobs/{job_id}/events",
+                                    headers=headers) as response:
             assert response.status_code == 200
             assert response.headers["content-type"].startswith("text/event-stream")
-            event = None
+            event, event_id = None, None
             async for line in response.aiter_lines():
                 if line.startswith("event:"):
                     event = line.split(":", 1)[1].strip()
+                elif line.startswith("id:"):
+                    event_id = line.split(":", 1)[1].strip()
                 elif line.startswith("data:") and event is not None:
-                    out.append((event, json.loads(line.split(":", 1)[1])))
-                    event = None
+                    out.append((event, json.loads(line.split(":", 1)[1]), event_id))
+                    event, event_id = None, None
         return out
 
 

@@ -116,7 +116,7 @@ async def test_deferred_job_waits_for_interactive_work_then_runs(
         await router.wait_job(deferred_job["id"], "completed")
         assert (await router.job(dropped["id"]))["status"] == "cancelled"
         assert await router.redis.xlen(keys.deferred_stream()) == 0
-        kinds = [kind for kind, _ in await router.events(deferred_job["id"])]
+        kinds = [kind for kind, _, _ in await router.events(deferred_job["id"])]
         assert kinds[:4] == ["state", "deferred", "queued", "dispatched"]
         assert kinds[-1] == "completed"
         assert await _hgetall(router, keys.admission_outcomes()) == {
