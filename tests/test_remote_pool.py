@@ -1,0 +1,276 @@
+"""A mixed pool across two Laneway instances: A routes through B as a remote engine.
+
+Instance B (the tiny policy behind OpenAI-style aliases, its own bundled server and port)
+is the provider of A's ``remote`` engine; small loopback providers stand in for hosted APIs
+where a test needs a provider to misbehave (a concurrency cap, an error echoing the key).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from io import BytesIO
+from pathlib import Path
+from string import Template
+from typing import Any
+
+import numpy as np
+import pytest
+import redis
+import redis.asyncio as aioredis
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from PIL import Image
+
+from controlplane.embedded_redis import STATE_FILE
+from engines.circuit import CircuitState, CircuitStatus, is_open
+from engines.registry import Registry
+from router import keys
+from tests.conftest import POLICIES
+from tests.provider import Provider, Reply
+from tests.service import Service
+
+API_KEY = "sk-remote-7f3a9c1e5b2d-must-not-leak"
+CLIENT_KIND = 3  # opentelemetry.proto Span.SpanKind.SPAN_KIND_CLIENT
+
+
+def _value(value: Any) -> str:
+    kind = value.WhichOneof("value")
+    return str(getattr(value, kind)) if kind else ""
+
+
+class SpanCollector:
+    """An OTLP/HTTP receiver on loopback keeping every span with its attributes and events."""
+
+    def __init__(self) -> None:
+        self.spans: list[dict[str, Any]] = []
+        collector = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (http.server API)
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                request = ExportTraceServiceRequest.FromString(body)
+                for resource_spans in request.resource_spans:
+                    service = next((a.value.string_value for a in resource_spans.resource
+                                    .attributes if a.key == "service.name"), "")
+                    for scope in resource_spans.scope_spans:
+                        for span in scope.spans:
+                            collector.spans.append({
+                                "service": service, "name": span.name, "kind": span.kind,
+                                "trace_id": span.trace_id.hex(), "span_id": span.span_id.hex(),
+                                "parent": span.parent_span_id.hex(),
+                                "attributes": {a.key: _value(a.value)
+                                               for a in span.attributes},
+                                "text": str(span),
+                            })
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                return None
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def bundled_url(home: Path) -> str:
+    state = json.loads((home / "valkey" / STATE_FILE).read_text())
+    return f"redis://127.0.0.1:{state['port']}/0"
+
+
+def tracing_env(collector: SpanCollector, service: str) -> dict[str, str]:
+    return {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_ENDPOINT": collector.endpoint,
+            "OTEL_BSP_SCHEDULE_DELAY": "100", "OTEL_SERVICE_NAME": service}
+
+
+@pytest.fixture(scope="module")
+def collector() -> Iterator[SpanCollector]:
+    spans = SpanCollector()
+    yield spans
+    spans.close()
+
+
+@pytest.fixture(scope="module")
+def providers() -> Iterator[dict[str, Provider]]:
+    made = {"capped": Provider(delay_s=0.4),
+            "leaky": Provider(always=Reply(401, {"error": {
+                "message": f"Incorrect API key provided: {API_KEY}"}}))}
+    yield made
+    for provider in made.values():
+        provider.close()
+
+
+@pytest.fixture(scope="module")
+def instance_b(tiny_registry: Registry, tmp_path_factory: pytest.TempPathFactory,
+               collector: SpanCollector) -> Iterator[Service]:
+    svc = Service(home=tmp_path_factory.mktemp("instance-b"), registry=tiny_registry.root,
+                  policy=POLICIES / "remote_provider.yaml",
+                  extra_env=tracing_env(collector, "laneway-b"))
+    svc.start()
+    yield svc
+    svc.stop()
+
+
+@pytest.fixture(scope="module")
+def instance_a(tiny_registry: Registry, tmp_path_factory: pytest.TempPathFactory,
+               collector: SpanCollector, instance_b: Service,
+               providers: dict[str, Provider]) -> Iterator[Service]:
+    home = tmp_path_factory.mktemp("instance-a")
+    policy = home / "remote_pool.yaml"
+    policy.write_text(Template((POLICIES / "remote_pool.yaml").read_text()).substitute(
+        B_URL=f"{instance_b.url}/v1", CAPPED_URL=providers["capped"].base_url,
+        LEAKY_URL=providers["leaky"].base_url))
+    svc = Service(home=home, registry=tiny_registry.root, policy=policy, extra_env={
+        "LANEWAY_TEST_REMOTE_KEY": API_KEY, **tracing_env(collector, "laneway-a")})
+    svc.start()
+    yield svc
+    svc.stop()
+
+
+def submit(service: Service, **body: object) -> dict[str, Any]:
+    with service.client() as client:
+        response = client.post("/v1/images", json={"prompt": "a lighthouse", "wait": 60,
+                                                    **body})
+    assert response.status_code in (200, 202), response.text
+    return response.json()
+
+
+def pixels(service: Service, job: dict[str, Any]) -> np.ndarray:
+    with service.client() as client:
+        png = client.get(job["images"][0]["url"])
+    assert png.status_code == 200
+    return np.asarray(Image.open(BytesIO(png.content)).convert("RGB"))
+
+
+def wait_for_spans(collector: SpanCollector, predicate: Any, *, timeout_s: float = 10
+                   ) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        found = [s for s in list(collector.spans) if predicate(s)]
+        if found:
+            return found
+        time.sleep(0.1)
+    return []
+
+
+def test_a_returns_bs_image_and_the_trace_shows_the_remote_call(
+        instance_a: Service, instance_b: Service, collector: SpanCollector) -> None:
+    job = submit(instance_a, intent="draft", n=2, width=64, height=48)
+    assert job["status"] == "completed", job
+    (stage,) = job["stages"]
+    assert stage["engine"] == "remote" and stage["fallback_from"] is None
+    assert "/none/" in stage["worker"]  # the no-device worker serve starts for remote engines
+    assert stage["cost"] == pytest.approx(0.04) and job["cost"] == pytest.approx(0.04)
+    assert [(i["width"], i["height"]) for i in job["images"]] == [(64, 48), (64, 48)]
+
+    trace_id = job["trace_id"]
+    calls = wait_for_spans(collector, lambda s: s["service"] == "laneway-a"
+                           and s["kind"] == CLIENT_KIND and s["trace_id"] == trace_id)
+    assert len(calls) == 1, calls  # one attempt: B answered at once
+    call = calls[0]
+    assert call["attributes"]["laneway.engine"] == "remote"
+    stages = [s for s in collector.spans if s["span_id"] == call["parent"]]
+    assert [s["name"] for s in stages] == ["laneway.stage"]
+    b_routes = wait_for_spans(collector, lambda s: s["service"] == "laneway-b"
+                              and s["name"] == "laneway.route" and s["trace_id"] == trace_id)
+    assert b_routes, "B's spans are not on A's trace"
+    b_server = wait_for_spans(collector, lambda s: s["service"] == "laneway-b"
+                              and s["parent"] == call["span_id"])
+    assert b_server, "B's server span is not a child of A's client span"
+
+    b_job_id = b_routes[0]["attributes"]["laneway.job_id"]
+    with instance_b.client() as client:
+        b_job = client.get(f"/v1/jobs/{b_job_id}").json()
+    assert b_job["status"] == "completed" and b_job["route"] == "fast_draft"
+    assert np.array_equal(pixels(instance_a, job), pixels(instance_b, b_job))
+
+
+def test_max_concurrency_caps_requests_in_flight_at_the_provider(
+        instance_a: Service, providers: dict[str, Provider]) -> None:
+    capped = providers["capped"]
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        jobs = list(pool.map(lambda _: submit(instance_a, tier="capped"), range(6)))
+    assert all(job["status"] == "completed" for job in jobs), jobs
+    assert len(capped.seen) == 6
+    assert capped.max_in_flight == 2  # never more than the cap, and the cap is used
+    assert all(seen.headers["Authorization"] == f"Bearer {API_KEY}" for seen in capped.seen)
+
+
+def test_a_provider_error_echoing_the_key_is_scrubbed(instance_a: Service) -> None:
+    job = submit(instance_a, tier="leaky")
+    assert job["status"] == "failed", job
+    assert "401" in job["error"] and "[redacted]" in job["error"]
+    assert API_KEY not in json.dumps(job)
+
+
+async def test_b_down_opens_the_circuit_and_b_back_closes_it(
+        instance_a: Service, instance_b: Service) -> None:
+    a_redis = aioredis.Redis.from_url(bundled_url(instance_a.home))
+    try:
+        instance_b.stop()
+        # the first two jobs try B, give up after their retries and fall back to turbo
+        for _ in range(2):
+            job = submit(instance_a, intent="draft")
+            assert job["status"] == "completed", job
+            assert (job["stages"][0]["engine"], job["stages"][0]["fallback_from"]) == (
+                "turbo", "remote")
+        assert await is_open(a_redis, "remote")
+        # with the circuit open the router sends the next job to the fallback at once
+        with instance_a.client() as client:
+            response = client.post("/v1/images", json={"prompt": "a lighthouse",
+                                                       "intent": "draft", "wait": 0})
+        queued = response.json()
+        assert queued["stages"][0]["engine"] == "turbo"
+        assert queued["stages"][0]["fallback_from"] == "remote"
+
+        instance_b.start()  # takes longer than the 2 s cooldown
+        job = submit(instance_a, intent="draft")  # the probe
+        assert job["status"] == "completed", job
+        assert (job["stages"][0]["engine"], job["stages"][0]["fallback_from"]) == (
+            "remote", None)
+        status = CircuitStatus.parse(await a_redis.hgetall(keys.circuit("remote")))
+        assert status.state is CircuitState.closed and status.failures == 0
+        assert not await is_open(a_redis, "remote")
+    finally:
+        await a_redis.aclose()
+
+
+def test_the_api_key_appears_nowhere(instance_a: Service, collector: SpanCollector) -> None:
+    submit(instance_a, intent="draft")
+    submit(instance_a, tier="leaky")
+    wait_for_spans(collector, lambda s: s["service"] == "laneway-a"
+                   and s["kind"] == CLIENT_KIND)
+    assert API_KEY not in instance_a.log_path.read_text(errors="replace")  # type: ignore[union-attr]
+    assert all(API_KEY not in span["text"] for span in collector.spans)
+    client = redis.Redis.from_url(bundled_url(instance_a.home))
+    try:
+        stored = []
+        for key in client.scan_iter(count=500):
+            kind = client.type(key).decode()
+            if kind == "string":
+                stored.append(client.get(key))
+            elif kind == "hash":
+                stored.append(repr(client.hgetall(key)).encode())
+            elif kind == "stream":
+                stored.append(repr(client.xrange(key)).encode())
+            elif kind == "list":
+                stored.append(repr(client.lrange(key, 0, -1)).encode())
+            elif kind in {"set", "zset"}:
+                stored.append(repr(client.smembers(key) if kind == "set"
+                                   else client.zrange(key, 0, -1)).encode())
+        jobs = [raw for raw in stored if raw and b'"trace_context"' in raw]
+        assert len(jobs) >= 10  # the job records of this module are among them
+        assert all(API_KEY.encode() not in raw for raw in stored if raw)
+    finally:
+        client.close()
