@@ -22,6 +22,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from opentelemetry.trace import SpanKind
+from PIL import Image
 from redis.asyncio.client import Pipeline
 
 from controlplane.policy import Policy, Route, Verify
@@ -97,13 +98,19 @@ class Verifier:
                         await self._process(*entry)
                 except aioredis.ConnectionError:
                     log.warning("verifier %s lost Redis; retrying in 1 s", self.name)
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._stopping.wait(), timeout=1.0)
+                    await self._pause()
+                except Exception:  # the entry stays pending; it is reclaimed after idling
+                    log.exception("verifier %s failed an entry; retrying in 1 s", self.name)
+                    await self._pause()
         finally:
             self._executor.shutdown(wait=True)
 
     def stop(self) -> None:
         self._stopping.set()
+
+    async def _pause(self) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), timeout=1.0)
 
     @property
     def name(self) -> str:
@@ -150,9 +157,6 @@ class Verifier:
             return
         policy = await self._policy_of(job)
         route = route_named(policy, job.route)
-        verify = route.verify if route is not None else None
-        expected_size = (stage_size(job, policy, len(job.stages) - 1)
-                         if policy is not None and route is not None else None)
         attempt = await self.redis.llen(keys.job_verdicts(job.id)) + 1
         with _tracer.start_as_current_span(
             "laneway.verify", context=context_from(job.trace_context), kind=SpanKind.CONSUMER,
@@ -161,7 +165,7 @@ class Verifier:
         ) as span:
             loop = asyncio.get_running_loop()
             checked = await loop.run_in_executor(
-                self._executor, self._check, job, verify, expected_size)
+                self._executor, self._check, job, policy, route)
             span.set_attribute("laneway.verdict", checked.verdict.status.value)
         await self._commit(job.id, entry_id, checked, route, attempt)
 
@@ -174,12 +178,24 @@ class Verifier:
                 self._policy_cache[job.policy_version] = policy
         return policy
 
-    def _check(self, job: Job, verify: Verify | None,
-               expected_size: tuple[int, int] | None) -> Checked:
-        """Check every final image (runs in the verifier's thread)."""
-        if verify is None:
+    def _check(self, job: Job, policy: Policy | None, route: Route | None) -> Checked:
+        """Check every final image (runs in the verifier's thread).
+
+        A check that raises is recorded as a ``skipped`` verdict with the error, so a
+        defect in a check never leaves an entry to be redelivered forever.
+        """
+        if policy is None or route is None or route.verify is None:
             skipped = Verification(status=VerificationStatus.skipped)
             return Checked(skipped, [skipped], "the job's route has no verify block")
+        try:
+            return self._check_images(job, route.verify, final_size(job, policy, route))
+        except Exception as exc:
+            log.exception("checking job %s raised", job.id)
+            skipped = Verification(status=VerificationStatus.skipped)
+            return Checked(skipped, [skipped], f"the check raised {type(exc).__name__}: {exc}")
+
+    def _check_images(self, job: Job, verify: Verify,
+                      expected_size: tuple[int, int]) -> Checked:
         artifacts = self.options.artifacts
         per_image: list[Verification] = []
         for ref in job.images:
@@ -257,6 +273,16 @@ class Verifier:
 def _ack_in(pipe: Pipeline, entry_id: bytes) -> None:
     pipe.xack(keys.VERIFY_STREAM, keys.VERIFY_GROUP, entry_id)
     pipe.xdel(keys.VERIFY_STREAM, entry_id)
+
+
+def final_size(job: Job, policy: Policy, route: Route) -> tuple[int, int]:
+    """The size the route's last stage produces for this request, by the workers' own rule
+    (``engines.stage_inputs.stage_size``, which reads only its inputs' sizes)."""
+    size = (job.request.width, job.request.height)
+    for index, stage in enumerate(route.stages):
+        inputs = [Image.new("1", size)] if index > 0 else []
+        size = stage_size(job, policy, stage, index, inputs)
+    return size
 
 
 def route_named(policy: Policy | None, name: str) -> Route | None:
