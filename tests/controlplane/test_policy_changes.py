@@ -1,0 +1,60 @@
+"""Policy apply/rollback/watch against a real Redis: invalid files never change routing."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+from controlplane import audit
+from controlplane.policy_changes import apply_policy_text, rollback_policy
+from controlplane.policy_store import PolicyStore
+from controlplane.policy_watch import PolicyWatcher
+from engines.registry import Registry
+from router.errors import PolicyError
+from tests.controlplane.rollout_fixtures import POLICY_YAML, policy
+
+
+@pytest.fixture
+async def redis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(redis_url)
+    yield client
+    await client.aclose()
+
+
+async def test_watch_applies_edits_and_keeps_the_last_good_policy(
+        redis: aioredis.Redis, tiny_registry: Registry, tmp_path: Path) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_text(POLICY_YAML)
+    watcher = PolicyWatcher(redis, path, tiny_registry)
+    first = await watcher.check_once()
+    assert first is not None and first.version == policy(1).version_id
+    assert await watcher.check_once() is None                      # unchanged file
+    path.write_text(POLICY_YAML.replace("steps: 1", "steps: 2"))
+    second = await watcher.check_once()
+    assert second is not None and second.changed and second.previous == first.version
+    path.write_text(POLICY_YAML.replace("match: {}", "match: {intent: doodle}"))
+    assert await watcher.check_once() is None
+    assert any("routes[0].match.intent" in e for e in watcher.last_errors), watcher.last_errors
+    assert await PolicyStore(redis).current_version() == policy(2).version_id
+
+
+async def test_apply_refuses_unknown_models_and_rollback_goes_back(
+        redis: aioredis.Redis, tiny_registry: Registry) -> None:
+    await apply_policy_text(redis, POLICY_YAML, tiny_registry, actor="ci", reason="v1",
+                            source="a.yaml")
+    with pytest.raises(PolicyError) as refused:
+        await apply_policy_text(redis, POLICY_YAML.replace("model: tiny-sdxl,", "model: nope,"),
+                                tiny_registry, actor="ci", reason="typo", source="b.yaml")
+    assert refused.value.details[0].field == "engines.base.model"
+    await apply_policy_text(redis, POLICY_YAML.replace("steps: 1", "steps: 3"), tiny_registry,
+                            actor="ci", reason="more steps", source="c.yaml")
+    back = await rollback_policy(redis, tiny_registry, actor="oncall", reason="too slow")
+    assert back.version == policy(1).version_id
+    history = await PolicyStore(redis).history()
+    assert [c.reason for c in history] == ["v1", "more steps", "too slow"]
+    actions = [(e.actor, e.action) for e in await audit.recent(redis, target="policy")]
+    assert actions == [("ci", "policy.apply"), ("ci", "policy.apply"),
+                       ("oncall", "policy.rollback")]
