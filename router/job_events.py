@@ -23,7 +23,8 @@ from router import keys
 from router.jobs import JobStore
 
 FINAL_EVENTS = frozenset({"completed", "failed", "cancelled"})
-READ_BLOCK_MS = 5000
+#: below the client's 5 s default socket timeout (redis-py 8), which a longer BLOCK trips
+READ_BLOCK_MS = 2000
 VERIFIED_WAIT_S = 120.0
 #: an idle stream gets a comment this often, so proxies keep the connection open
 KEEPALIVE_COMMENT = "keep-alive"
@@ -65,7 +66,7 @@ async def _messages(redis: aioredis.Redis, jobs: JobStore, job_id: str, state: d
             job = await jobs.get(job_id)
             if not job.status.is_final:  # regenerated after a failed verification
                 ended_at = None
-            elif job.verification.get("status") != "pending":
+            elif kind == "verified" or job.verification.get("status") != "pending":
                 return
             elif ended_at is None:
                 ended_at = time.monotonic()
