@@ -26,6 +26,7 @@ from controlplane.policy import EngineKind, EngineSpec, Policy
 from controlplane.policy_store import PolicyStore
 from engines.artifacts import ArtifactStore
 from engines.base import Engine, StageItem, StepCallback
+from engines.circuit import is_open
 from engines.factory import build_engine
 from engines.lanes import Entry
 from engines.registry import Registry
@@ -265,8 +266,6 @@ class StageRunner:
             await self._run_group(slot, rest)
 
     async def _fall_back(self, work: Work, exc: EngineUnavailable) -> None:
-        from engines.circuit import is_open
-
         index = work.entry.message.stage
         stage = work.policy.route(work.job.route).stages[index]
         current = work.job.stages[index].engine
@@ -310,7 +309,7 @@ class StageRunner:
         version = record.model_version or ""
         engine = slot.engine_for(version, lambda: build_engine(
             first.spec, registry=self.ctx.registry, model_version=version,
-            device=self.ctx.device))
+            device=self.ctx.device, name=record.engine))
         started = time.perf_counter()
         outputs = engine.run([w.item for w in works])
         run_ms = round((time.perf_counter() - started) * 1000)

@@ -15,6 +15,7 @@ from litestar.plugins.opentelemetry import OpenTelemetryConfig, OpenTelemetryPlu
 from controlplane.live_config import LiveConfig
 from controlplane.settings import Settings
 from engines.artifacts import ArtifactStore
+from engines.registry import Registry
 from router.admin_api import AdminController
 from router.api import ApiState, JobsController, SystemController
 from router.deferral import DeferralDispatcher
@@ -69,7 +70,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
         waiters=waiters,
         artifacts=artifacts,
         submitter=Submitter(redis, live, artifacts, settings.job_ttl_s,
-                            idempotency_ttl_s=settings.idempotency_ttl_s),
+                            idempotency_ttl_s=settings.idempotency_ttl_s,
+                            registry=Registry(settings.registry)),
     )
     deferral = DeferralDispatcher(redis, live, job_ttl_s=settings.job_ttl_s)
 

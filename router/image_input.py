@@ -37,7 +37,8 @@ def decode_image(field: str, payload: str, *, max_bytes: int, max_pixels: int,
                     field, f"declares {width}x{height} pixels; the limit is {max_pixels}")
             probe.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        return None, FieldError(field, "image is a decompression bomb")
+        return None, FieldError(
+            field, f"is a decompression bomb: it declares far more than {max_pixels} pixels")
     except (OSError, SyntaxError, ValueError):
         return None, FieldError(field, "is not a readable PNG or JPEG image")
     return probe.convert(mode), None

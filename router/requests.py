@@ -15,7 +15,7 @@ _QUOTED = re.compile(r'"([^"]+)"|“([^”]+)”')
 
 class LoraSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    id: str = Field(min_length=1)
+    id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
     scale: float = Field(default=1.0, ge=0, le=4)
 
 

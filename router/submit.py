@@ -17,9 +17,10 @@ from controlplane.live_config import LiveConfig, Snapshot
 from controlplane.policy import EngineKind, Mode, Policy, Route, Stage
 from engines.artifacts import ArtifactStore
 from engines.circuit import is_open
+from engines.registry import Registry
 from router import keys, route_counters
 from router.admission import AdmissionControl, Admitted, record_outcome
-from router.errors import FieldError, LanewayError, NoEngine
+from router.errors import FieldError, LanewayError, NoEngine, ValidationFailed
 from router.idempotency import IdempotencyKeys, check_key
 from router.image_input import decode_image
 from router.jobs import Job, JobRequest, JobStore, LoraRequest, StageRecord, StageStatus, now_ms
@@ -30,6 +31,9 @@ from router.telemetry import current_carrier, current_trace_id, tracer
 from router.tenants import DEFAULT_TENANT, check_tier
 
 _tracer = tracer("laneway.router")
+
+#: engine kinds that apply a request's LoRA adapter
+LORA_KINDS = frozenset({EngineKind.text2image, EngineKind.image2image, EngineKind.inpaint})
 
 
 def new_job_id() -> str:
@@ -50,6 +54,7 @@ class Submitter:
     artifacts: ArtifactStore
     job_ttl_s: int
     idempotency_ttl_s: int = 24 * 3600
+    registry: Registry | None = None
 
     def __post_init__(self) -> None:
         self.admission = AdmissionControl(self.redis)
@@ -70,6 +75,7 @@ class Submitter:
         policy = snapshot.policy
         errors = check_against_policy(req, policy)
         images = self._decode_inputs(req, snapshot, errors)
+        lora = self._resolve_lora(req, errors)
         raise_if_any(errors)
 
         tier = req.tier or policy.default_tier
@@ -91,6 +97,7 @@ class Submitter:
                         return Accepted(original, replayed=True)
                 try:
                     admitted = await self.admission.admit(policy, asked, tier=tier)
+                    self._check_lora_base(lora, admitted.route, policy)
                     stages = await self._stage_records(admitted.route, snapshot, job_id)
                 except LanewayError:
                     if idempotency_key is not None:
@@ -117,7 +124,7 @@ class Submitter:
                     height=height, n=req.n,
                     seed=req.seed if req.seed is not None else secrets.randbelow(2**31),
                     mode=req.mode.value, strength=req.strength,
-                    lora=LoraRequest(id=req.lora.id, scale=req.lora.scale) if req.lora else None,
+                    lora=lora,
                     text=req.expected_text(), tier=tier, tenant=tenant, metadata=req.metadata,
                     has_image=req.image is not None, has_mask=req.mask is not None,
                 ),
@@ -134,6 +141,32 @@ class Submitter:
                     "laneway.stream", keys.deferred_stream() if admitted.deferred
                     else keys.engine_stream(job.stages[0].engine, tier))
         return Accepted(job)
+
+    def _resolve_lora(self, req: ImageRequest, errors: list[FieldError]
+                      ) -> LoraRequest | None:
+        """The adapter a request names, at its latest registry version (422 when unknown)."""
+        if req.lora is None:
+            return None
+        versions = self.registry.versions(req.lora.id) if self.registry else []
+        kinds = {self.registry.manifest(req.lora.id, v).kind for v in versions} \
+            if self.registry else set()
+        if not versions or kinds != {"lora"}:
+            errors.append(FieldError("lora.id", "is not a LoRA adapter in the registry",
+                                     req.lora.id))
+            return None
+        return LoraRequest(id=req.lora.id, version=versions[-1], scale=req.lora.scale)
+
+    def _check_lora_base(self, lora: LoraRequest | None, route: Route, policy: Policy) -> None:
+        """An adapter must be made for the model of every diffusion stage of its route."""
+        if lora is None or self.registry is None:
+            return
+        base = self.registry.manifest(lora.id, lora.version).base_model
+        for stage in route.stages:
+            spec = policy.engines[stage.engine]
+            if spec.kind in LORA_KINDS and spec.model != base:
+                raise ValidationFailed.of(
+                    "lora.id", f"adapter is for base model {base}, but route {route.name} "
+                               f"runs {spec.model} on engine {stage.engine}", lora.id)
 
     def _decode_inputs(self, req: ImageRequest, snapshot: Snapshot,
                        errors: list[FieldError]) -> dict[str, object]:
