@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import signal
 import time
 from collections.abc import Iterator
@@ -177,3 +178,68 @@ def test_sigterm_drains_and_hands_back_what_cannot_finish(api: Service) -> None:
             staying.stop()
     assert done["status"] == "completed"
     assert done["stages"][0]["worker"].endswith(f"/{staying.pid}")
+
+
+def sse_events(client: httpx.Client, job_id: str) -> list[tuple[str, dict]]:
+    """Every (event, data) of a job's SSE stream, until the server ends it."""
+    events, kind = [], ""
+    with client.stream("GET", f"/v1/jobs/{job_id}/events", timeout=60) as response:
+        for line in response.iter_lines():
+            if line.startswith("event:"):
+                kind = line.split(":", 1)[1].strip()
+            elif line.startswith("data:"):
+                events.append((kind, json.loads(line.split(":", 1)[1])))
+    return events
+
+
+def test_cancel_stops_a_running_stage_and_frees_its_slot(api: Service) -> None:
+    worker = WorkerProcess(api, "slow").start()
+    try:
+        wait_for_workers(api, worker)
+        with api.client() as client:
+            job = submit(client, intent="auto", prompt='a sign that says "STOP"')
+            wait_running(client, job["id"])
+            while not any(k == "progress" for k, _ in _events(api, job["id"])):
+                time.sleep(0.02)
+            first = client.delete(f"/v1/jobs/{job['id']}")
+            second = client.delete(f"/v1/jobs/{job['id']}")
+            assert first.status_code == second.status_code == 200
+            assert first.json()["status"] == second.json()["status"] == "cancelled"
+            events = sse_events(client, job["id"])
+            kinds = [k for k, _ in events]
+            after_cancel = kinds[kinds.index("cancelled"):]
+            assert after_cancel.count("progress") <= 1  # stopped within one denoising step
+            steps = [d["step"] for k, d in events if k == "progress"]
+            assert max(steps) < 30
+            assert kinds.count("cancelled") == 1
+            # the slot is free again: the next job runs on the same worker
+            done = submit(client, intent="auto", prompt='a sign that says "GO"', wait=90)
+    finally:
+        worker.stop()
+    assert done["status"] == "completed"
+    assert done["stages"][0]["worker"].endswith(f"/{worker.pid}")
+
+
+def _events(api: Service, job_id: str) -> list[tuple[str, dict]]:
+    rows = redis_of(api).xrange(keys.job_events(job_id))
+    return [(f[b"kind"].decode(), json.loads(f[b"data"])) for _, f in rows]
+
+
+def test_sse_shows_the_job_s_life_in_order(api: Service) -> None:
+    worker = WorkerProcess(api, "turbo,x2").start()
+    try:
+        wait_for_workers(api, worker)
+        with api.client() as client:
+            job = submit(client, intent="final")
+            events = sse_events(client, job["id"])
+    finally:
+        worker.stop()
+    kinds = [k for k, _ in events]
+    assert kinds[0] == "state"
+    lifecycle = [k for k in kinds[1:] if k != "progress"]
+    assert lifecycle == ["queued", "dispatched", "stage_completed", "dispatched",
+                         "stage_completed", "completed"]
+    first_progress = kinds.index("progress")
+    assert kinds.index("dispatched") < first_progress < kinds.index("stage_completed")
+    steps = [d for k, d in events if k == "progress"]
+    assert steps[0] == {"stage": 0, "step": 1, "steps": 1, "ts": steps[0]["ts"]}
