@@ -67,6 +67,10 @@ async def rollback_policy(redis: aioredis.Redis, registry: Registry, *, actor: s
         if not earlier:
             raise Conflict("no earlier policy version to roll back to")
         to = earlier[-1]
+    else:  # a unique prefix, as the history table shows them, is enough
+        known = {c.version for c in await store.history()}
+        matches = sorted(v for v in known if v.startswith(to))
+        to = matches[0] if len(matches) == 1 else to
     policy = await store.get(to)
     if policy is None:
         raise NotFound(f"policy version {to!r} was never applied here")

@@ -46,13 +46,14 @@ TOKEN_NAME = "admin"
 ACTOR_HEADER = "x-laneway-actor"
 
 
-def admin_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+def admin_guard(connection: ASGIConnection[Any, Any, Any, Any],
+                handler: BaseRouteHandler) -> None:
     api: ApiState = connection.app.state["api"]
     expected = api.settings.admin_token
     if not expected:
         raise Forbidden("the admin API is disabled: the server has no LANEWAY_ADMIN_TOKEN")
     header = connection.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
+    scheme, _sep, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token:
         raise Unauthorized("admin token required: Authorization: Bearer <LANEWAY_ADMIN_TOKEN>")
     if not hmac.compare_digest(token.encode(), expected.encode()):
