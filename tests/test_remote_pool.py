@@ -112,30 +112,35 @@ def providers() -> Iterator[dict[str, Provider]]:
 
 
 @pytest.fixture(scope="module")
-def instance_b(tiny_registry: Registry, tmp_path_factory: pytest.TempPathFactory,
-               collector: SpanCollector) -> Iterator[Service]:
-    svc = Service(home=tmp_path_factory.mktemp("instance-b"), registry=tiny_registry.root,
-                  policy=POLICIES / "remote_provider.yaml",
-                  extra_env=tracing_env(collector, "laneway-b"))
-    svc.start()
-    yield svc
-    svc.stop()
-
-
-@pytest.fixture(scope="module")
-def instance_a(tiny_registry: Registry, tmp_path_factory: pytest.TempPathFactory,
-               collector: SpanCollector, instance_b: Service,
-               providers: dict[str, Provider]) -> Iterator[Service]:
+def instances(tiny_registry: Registry, tmp_path_factory: pytest.TempPathFactory,
+              collector: SpanCollector, providers: dict[str, Provider]
+              ) -> Iterator[tuple[Service, Service]]:
+    """Instances A and B, started (and stopped) side by side."""
+    b = Service(home=tmp_path_factory.mktemp("instance-b"), registry=tiny_registry.root,
+                policy=POLICIES / "remote_provider.yaml",
+                extra_env=tracing_env(collector, "laneway-b"))
     home = tmp_path_factory.mktemp("instance-a")
     policy = home / "remote_pool.yaml"
     policy.write_text(Template((POLICIES / "remote_pool.yaml").read_text()).substitute(
-        B_URL=f"{instance_b.url}/v1", CAPPED_URL=providers["capped"].base_url,
+        B_URL=f"{b.url}/v1", CAPPED_URL=providers["capped"].base_url,
         LEAKY_URL=providers["leaky"].base_url))
-    svc = Service(home=home, registry=tiny_registry.root, policy=policy, extra_env={
+    a = Service(home=home, registry=tiny_registry.root, policy=policy, extra_env={
         "LANEWAY_TEST_REMOTE_KEY": API_KEY, **tracing_env(collector, "laneway-a")})
-    svc.start()
-    yield svc
-    svc.stop()
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        list(pool.map(Service.start, (a, b)))
+    yield a, b
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        list(pool.map(Service.stop, (a, b)))
+
+
+@pytest.fixture(scope="module")
+def instance_a(instances: tuple[Service, Service]) -> Service:
+    return instances[0]
+
+
+@pytest.fixture(scope="module")
+def instance_b(instances: tuple[Service, Service]) -> Service:
+    return instances[1]
 
 
 def submit(service: Service, **body: object) -> dict[str, Any]:
