@@ -16,11 +16,12 @@ from opentelemetry.trace import SpanKind
 
 from controlplane.policy import EngineSpec
 from engines.base import StageItem
-from engines.circuit import CircuitBreaker, is_open
+from engines.circuit import is_open
 from engines.factory import build_engine
 from engines.openai_images import OpenAIImagesEngine
 from engines.registry import Registry
 from router.errors import EngineUnavailable, StageFailed
+from tests.engines.test_circuit import Clock
 from tests.provider import Provider, Reply
 
 API_KEY = "sk-test-1f2e3d4c5b6a-never-print-me"
@@ -51,14 +52,6 @@ def closed_port_url() -> str:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     return f"http://127.0.0.1:{port}/v1"
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now_s = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now_s
 
 
 Maker = Callable[..., OpenAIImagesEngine]
@@ -211,23 +204,3 @@ def test_rpm_spaces_calls_across_engine_instances(make: Maker, provider: Provide
         engine.run([item()])
     gaps = [b.at_s - a.at_s for a, b in zip(provider.seen, provider.seen[1:], strict=False)]
     assert all(gap >= 0.09 for gap in gaps), gaps
-
-
-def test_half_open_lets_exactly_one_probe_through(redis_url: str) -> None:
-    from controlplane.policy import Circuit
-
-    clock = Clock()
-    client = redis.Redis.from_url(redis_url)
-    config = Circuit(failures=1, window_s=30, cooldown_s=5)
-    a = CircuitBreaker(client, "hosted", config, probe_ttl_s=60, clock=clock)
-    b = CircuitBreaker(client, "hosted", config, probe_ttl_s=60, clock=clock)
-    a.record_failure(a.acquire())
-    clock.now_s += 5
-    probe = a.acquire()
-    assert probe.probe
-    with pytest.raises(EngineUnavailable, match="probe is in flight"):
-        b.acquire()
-    a.record_failure(probe)  # the probe failed: open for another cooldown
-    with pytest.raises(EngineUnavailable, match="circuit open"):
-        b.acquire()
-    client.close()
