@@ -129,26 +129,32 @@ class Router:
 RouterFactory = Callable[[Policy], contextlib.AbstractAsyncContextManager[Router]]
 
 
+@contextlib.asynccontextmanager
+async def running_router(redis_url: str, policy: Policy, registry: Registry,
+                         home: Path) -> AsyncIterator[Router]:
+    """The API up against ``redis_url`` with ``policy`` in force; workers stopped at exit."""
+    await publish_policy(redis_url, policy, registry)
+    settings = Settings(redis_url=redis_url, home=home, registry=registry.root,
+                        artifacts=home / "artifacts")
+    server = ApiServer(settings)
+    await asyncio.to_thread(server.start)
+    redis = aioredis.Redis.from_url(redis_url)
+    http = httpx.AsyncClient(base_url=server.url, timeout=60)
+    router = Router(settings, registry, redis, http)
+    try:
+        yield router
+    finally:
+        await router.stop_workers()
+        await http.aclose()
+        await redis.aclose()
+        await asyncio.to_thread(server.stop)
+
+
 @pytest.fixture
 def make_router(redis_url: str, tiny_registry: Registry, tmp_path: Path) -> RouterFactory:
     """``async with make_router(policy) as router:`` — the API up with ``policy`` in force."""
 
-    @contextlib.asynccontextmanager
-    async def running(policy: Policy) -> AsyncIterator[Router]:
-        await publish_policy(redis_url, policy, tiny_registry)
-        settings = Settings(redis_url=redis_url, home=tmp_path, registry=tiny_registry.root,
-                            artifacts=tmp_path / "artifacts")
-        server = ApiServer(settings)
-        await asyncio.to_thread(server.start)
-        redis = aioredis.Redis.from_url(redis_url)
-        http = httpx.AsyncClient(base_url=server.url, timeout=60)
-        router = Router(settings, tiny_registry, redis, http)
-        try:
-            yield router
-        finally:
-            await router.stop_workers()
-            await http.aclose()
-            await redis.aclose()
-            await asyncio.to_thread(server.stop)
+    def running(policy: Policy) -> contextlib.AbstractAsyncContextManager[Router]:
+        return running_router(redis_url, policy, tiny_registry, tmp_path)
 
     return running
