@@ -47,14 +47,14 @@ def test_each_error_names_path_and_line(tmp_path: Path) -> None:
                                  "stages: [{engine: turbro}]\n    admission: {max_queue: 200")
     result = validate(tmp_path, only_dangling)
     assert result.returncode == 1
-    assert (f"routes[0].stages[0].engine: line {line_of(only_dangling, 'turbro')}: "
+    assert (f"routes[2].stages[0].engine: line {line_of(only_dangling, 'turbro')}: "
             "unknown engine (got 'turbro')") in result.stderr
 
 
 @pytest.mark.parametrize(("change", "field"), [
-    (("degrade_to: fast_draft", "degrade_to: nowhere"), "routes[1].admission.degrade_to"),
+    (("degrade_to: fast_draft", "degrade_to: nowhere"), "routes[3].admission.degrade_to"),
     (("max_concurrency: 2", "max_concurrency: -2"), "engines.turbo.max_concurrency"),
-    (("match: {intent: draft}", "match: {intent: sketch}"), "routes[0].match.intent"),
+    (("match: {intent: draft}", "match: {intent: sketch}"), "routes[2].match.intent"),
     (("{weight: 4}", "{weight: 4, deferrable: maybe}"), "tiers.premium.deferrable"),
     (("version: 1", "version: 2"), "version"),
 ])
