@@ -10,6 +10,7 @@ batch-mates run again without it; an unavailable engine moves its items to a fal
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 from collections import OrderedDict
@@ -297,7 +298,9 @@ class StageRunner:
             slot.busy = True
             try:
                 loop = asyncio.get_running_loop()
-                return await loop.run_in_executor(self.ctx.executor, self._work, slot, works)
+                # the engine's thread runs in this context, so its spans join the stage's trace
+                return await loop.run_in_executor(
+                    self.ctx.executor, contextvars.copy_context().run, self._work, slot, works)
             except Exception as exc:
                 span.record_exception(exc)
                 span.set_status(Status(StatusCode.ERROR, describe(exc)))
