@@ -126,16 +126,18 @@ class Verifier:
 
     async def _next_entry(self) -> tuple[bytes, dict[bytes, bytes]] | None:
         """An entry a dead verifier left pending past ``claim_idle_ms``, else a new one."""
-        _, claimed, _ = await self.redis.xautoclaim(
+        # redis-py types this reply loosely: [next start id, [(id, fields)], [deleted ids]]
+        autoclaim: list[Any] = await self.redis.xautoclaim(
             keys.VERIFY_STREAM, keys.VERIFY_GROUP, self.name,
             min_idle_time=self.options.claim_idle_ms, start_id="0-0", count=1)
+        claimed: list[tuple[bytes, dict[bytes, bytes]]] = autoclaim[1]
         if claimed:
             entry_id, fields = claimed[0]
             log.info("verifier %s reclaimed %s", self.name, entry_id.decode())
             return entry_id, fields
-        reply = await self.redis.xreadgroup(keys.VERIFY_GROUP, self.name,
-                                            {keys.VERIFY_STREAM: ">"}, count=1,
-                                            block=READ_BLOCK_MS)
+        reply: Any = await self.redis.xreadgroup(
+            keys.VERIFY_GROUP, self.name, {keys.VERIFY_STREAM: ">"}, count=1,
+            block=READ_BLOCK_MS)
         for _, entries in reply or []:
             for entry_id, fields in entries:
                 return entry_id, fields
