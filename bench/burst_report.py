@@ -3,8 +3,8 @@
 Classes: ``draft`` (asked for a draft), ``final`` (asked for a final and rendered as one),
 ``degraded`` (asked for a final, served through the draft route by admission). Phases by
 arrival time: ``steady`` (before and after the spike) and ``spike``. A lane counts as
-saturated in the window when most stages started there queued longer than they ran: work
-was waiting for its slots, so an idle slot would be the dispatcher's fault, not the load's.
+saturated when work waited for its slots through nearly all of the window: an idle slot
+then is the dispatcher's fault, not the load's.
 """
 
 from __future__ import annotations
@@ -19,6 +19,9 @@ if TYPE_CHECKING:
     from bench.burst import Scenario, Submission
 
 FINAL_STATUSES = ("completed", "failed", "cancelled")
+#: queueing shorter than this is the dispatch round trip, not waiting for a slot
+WAIT_FLOOR_MS = 50
+SATURATED_SHARE = 0.9
 
 
 def epoch_s(stamp: str) -> float:
@@ -53,9 +56,14 @@ def union_s(intervals: list[tuple[float, float]], start: float, end: float) -> f
 
 def utilisation(jobs: list[dict[str, Any]], devices: dict[str, int], start: float,
                 end: float) -> dict[str, Any]:
-    """Busy slot time over slot time per engine in ``[start, end]``, and which lanes waited."""
+    """Busy slot time over slot time per engine in ``[start, end]``, and how long work waited.
+
+    ``waiting_share`` is the part of the window in which some stage of the lane was waiting
+    for a slot (longer than the dispatch round trip, ``WAIT_FLOOR_MS``); a lane waiting for
+    ``SATURATED_SHARE`` of the window is saturated.
+    """
     busy: dict[tuple[str, str], list[tuple[float, float]]] = defaultdict(list)
-    waits: dict[str, list[bool]] = defaultdict(list)
+    waiting: dict[str, list[tuple[float, float]]] = defaultdict(list)
     batch_sizes: dict[str, list[int]] = defaultdict(list)
     for job in jobs:
         for stage in job["stages"]:
@@ -63,24 +71,23 @@ def utilisation(jobs: list[dict[str, Any]], devices: dict[str, int], start: floa
                 continue
             began, ended = epoch_s(stage["started_at"]), epoch_s(stage["finished_at"])
             busy[(stage["worker"], stage["engine"])].append((began, ended))
+            enqueued = began - (stage.get("queued_ms") or 0) / 1000
+            waiting[stage["engine"]].append((enqueued + WAIT_FLOOR_MS / 1000, began))
             if start <= began < end:
-                waits[stage["engine"]].append(
-                    (stage.get("queued_ms") or 0) > (stage.get("run_ms") or 0))
                 batch_sizes[stage["engine"]].append(stage.get("batch_size") or 1)
     window_s = end - start
     per_engine: dict[str, Any] = {}
     saturated_busy = saturated_total = all_busy = 0.0
     for engine, count in devices.items():
         busy_s = sum(union_s(iv, start, end) for (_, e), iv in busy.items() if e == engine)
-        waited = waits.get(engine, [])
-        share_waited = sum(waited) / len(waited) if waited else 0.0
-        saturated = share_waited >= 0.5
+        waiting_share = union_s(waiting.get(engine, []), start, end) / window_s
+        saturated = waiting_share >= SATURATED_SHARE
+        sizes = batch_sizes.get(engine)
         per_engine[engine] = {
             "slots": count, "utilisation": round(busy_s / (count * window_s), 3),
-            "stages_started": len(waited), "share_queued_longer_than_run": round(share_waited, 3),
-            "saturated": saturated,
-            "mean_batch_size": round(sum(batch_sizes[engine]) / len(batch_sizes[engine]), 2)
-            if batch_sizes.get(engine) else None}
+            "waiting_share": round(waiting_share, 3), "saturated": saturated,
+            "stages_started": len(sizes or []),
+            "mean_batch_size": round(sum(sizes) / len(sizes), 2) if sizes else None}
         all_busy += busy_s
         if saturated:
             saturated_busy += busy_s
