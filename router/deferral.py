@@ -66,26 +66,30 @@ class DeferralDispatcher:
         self._renew = redis.register_script(_RENEW)
         self._unlock = redis.register_script(_UNLOCK)
         self._task: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
 
     async def start(self) -> None:
+        self._stopping.clear()
         self._task = asyncio.create_task(self._run())
 
     async def stop(self) -> None:
+        # An event, not Task.cancel(): a cancellation that lands inside a Redis call can be
+        # swallowed by the client, which left the loop running (seen in tests).
+        self._stopping.set()
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await self._task
         with contextlib.suppress(aioredis.RedisError):
             await self._unlock(keys=[keys.deferral_lock()], args=[self.owner])
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping.is_set():
             try:
                 if await self.hold_lock():
                     await self.release_ready(self.live.snapshot.policy)
             except aioredis.RedisError:
                 log.warning("deferral loop: Redis unavailable; retrying", exc_info=True)
-            await asyncio.sleep(self.tick_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), timeout=self.tick_s)
 
     async def hold_lock(self) -> bool:
         """Take the deferral lock, or extend it when this process holds it already."""
