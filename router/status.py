@@ -1,4 +1,4 @@
-"""What ``GET /v1/status`` shows: lanes, workers and deployments, read from Redis.
+"""What ``GET /v1/status`` shows: lanes, workers, deployments and rollouts, from Redis.
 
 A lane is one engine stream per tier; entries are deleted on ack, so its length is its
 depth (queued and running stages), and the first entry's id carries the enqueue time in
@@ -15,6 +15,7 @@ import redis.asyncio as aioredis
 
 from controlplane.live_config import Snapshot
 from controlplane.policy import Policy
+from controlplane.rollouts import RolloutStore
 from router import keys
 
 WORKER_STALE_S = 10.0
@@ -97,4 +98,5 @@ async def status_body(redis: aioredis.Redis, snapshot: Snapshot) -> dict[str, An
         "workers": workers,
         "deployments": {name: d.model_dump(mode="json")
                         for name, d in sorted(snapshot.deployments.items())},
+        "rollouts": [r.model_dump(mode="json") for r in await RolloutStore(redis).all()],
     }

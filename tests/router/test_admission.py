@@ -59,6 +59,10 @@ async def test_full_reject_route_answers_429_with_retry_after_from_drain_rate(
         assert await router.redis.xlen(keys.engine_stream("turbo", "standard")) == 3
         assert await _hgetall(router, keys.admission_outcomes()) == {
             "fast_draft|standard|accepted": 3, "fast_draft|standard|rejected": 2}
+        status = (await router.http.get("/v1/status")).json()
+        lanes = {(lane["engine"], lane["tier"]): lane["depth"] for lane in status["lanes"]}
+        assert lanes[("turbo", "standard")] == 3 and lanes[("base", "standard")] == 0
+        assert set(status["deployments"]) == {"tiny-sdxl", "tiny-sdxl-turbo"}
 
 
 async def test_full_degrade_route_serves_through_its_fallback_marked_degraded(

@@ -67,6 +67,7 @@ async def test_depth_slots_and_outcomes_move_with_the_load(make_router: RouterFa
         lane = status["lanes"][0]
         assert (lane["engine"], lane["tier"], lane["depth"]) == ("sim-draft", "standard", 3)
         assert status["lanes"][0]["oldest_age_s"] >= 0 and status["workers"] == []
+        assert status["rollouts"] == [] and status["deployments"] == {}  # a model-less policy
 
         await router.start_worker("sim-draft")
         busy = await scrape_until(router, lambda s: value(
