@@ -42,27 +42,24 @@ async def test_a_25_percent_canary_gets_about_a_quarter_of_jobs_sticky_per_job(
         redis: aioredis.Redis, tmp_path: Path) -> None:
     await _start(redis, steps=(25.0, 60.0))
     live = LiveConfig(redis)
-    await live.start()
-    try:
-        submitter = Submitter(redis, live, ArtifactStore(tmp_path), 3600)
-        jobs = [(await submitter.submit(ImageRequest(prompt="a lighthouse"))).job
-                for _ in range(200)]
-        stored = [await JobStore(redis, ttl_s=3600).get(job.id) for job in jobs]
-        versions = [job.stages[0].model_version for job in stored]
-        share = versions.count("2") / len(versions)
-        assert 0.15 <= share <= 0.35, share
-        assert set(versions) == {"1", "2"}
-        # sticky: at a higher weight every job that had the canary still has it
-        rollout = await RolloutStore(redis).require(MODEL)
-        await apply_transition(redis, rollout, Phase.progressing, step_index=1, now_s=T0,
-                               actor="alice", reason="test")
-        deployment = await DeploymentStore(redis).get(MODEL)
-        assert deployment is not None and deployment.canary_weight == 60.0
-        for job, version in zip(stored, versions, strict=True):
-            if version == "2":
-                assert deployment.pick(job.id) == "2"
-    finally:
-        await live.stop()
+    await live.reload()  # one snapshot: the deployment at 25 %
+    submitter = Submitter(redis, live, ArtifactStore(tmp_path), 3600)
+    jobs = [(await submitter.submit(ImageRequest(prompt="a lighthouse"))).job
+            for _ in range(200)]
+    stored = [await JobStore(redis, ttl_s=3600).get(job.id) for job in jobs]
+    versions = [job.stages[0].model_version for job in stored]
+    share = versions.count("2") / len(versions)
+    assert 0.15 <= share <= 0.35, share
+    assert set(versions) == {"1", "2"}
+    # sticky: at a higher weight every job that had the canary still has it
+    rollout = await RolloutStore(redis).require(MODEL)
+    await apply_transition(redis, rollout, Phase.progressing, step_index=1, now_s=T0,
+                           actor="alice", reason="test")
+    deployment = await DeploymentStore(redis).get(MODEL)
+    assert deployment is not None and deployment.canary_weight == 60.0
+    for job, version in zip(stored, versions, strict=True):
+        if version == "2":
+            assert deployment.pick(job.id) == "2"
 
 
 async def test_the_transition_table_refuses_leaving_a_final_phase(
