@@ -1,7 +1,7 @@
 """Building an engine from its policy spec: one builder per engine kind.
 
-``BUILDERS`` is the dispatch table; kinds served outside this module
-(``http.openai_images``) add their builder to it where they are defined::
+``BUILDERS`` is the dispatch table, one entry per :class:`EngineKind` (a test holds it to
+that)::
 
     engine = build_engine(spec, registry=registry, model_version="2", device="cpu")
 """
@@ -19,7 +19,6 @@ from engines.resize import ResizeEngine
 from engines.sim import SimEngine
 from engines.text2image import Text2ImageEngine
 from engines.upscalers import LatentUpscaleEngine, X4UpscaleEngine
-from router.errors import NoEngine
 
 EngineBuilder = Callable[[EngineSpec, Registry, str, str], Engine]
 """``(spec, registry, model_version, device) -> Engine``."""
@@ -52,10 +51,6 @@ def build_engine(spec: EngineSpec, *, registry: Registry, model_version: str,
     ``name`` is the policy's name for the engine; remote engines key their circuit
     breaker and rate limit by it.
     """
-    builder = BUILDERS.get(spec.kind)
-    if builder is None:
-        raise NoEngine(f"no engine builder for kind {spec.kind.value} "
-                       f"(known: {', '.join(sorted(k.value for k in BUILDERS))})")
-    engine = builder(spec, registry, model_version, device)
+    engine = BUILDERS[spec.kind](spec, registry, model_version, device)
     engine.name = name
     return engine
