@@ -19,6 +19,7 @@ from controlplane.deployments import Deployment, DeploymentStore
 from controlplane.policy import Policy
 from controlplane.policy_store import PolicyStore
 from router import keys
+from router.pubsub import follow
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,7 @@ class LiveConfig:
         self._snapshot: Snapshot | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._listeners: list[Callable[[Snapshot], None]] = []
+        self._stop = asyncio.Event()
 
     @property
     def snapshot(self) -> Snapshot:
@@ -70,26 +72,21 @@ class LiveConfig:
         self._tasks = [asyncio.create_task(self._listen()), asyncio.create_task(self._poll())]
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        self._stop.set()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def _listen(self) -> None:
-        pubsub = self.redis.pubsub()
-        await pubsub.subscribe(keys.CONTROL_CHANNEL)
-        try:
-            async for message in pubsub.listen():
-                if message["type"] == "message":
-                    await self._safe_reload()
-        finally:
-            await pubsub.aclose()
+        async def on_message(_: bytes) -> None:
+            await self._safe_reload()
+
+        await follow(self.redis, keys.CONTROL_CHANNEL, on_message, stop=self._stop)
 
     async def _poll(self) -> None:
-        while True:
-            await asyncio.sleep(self.refresh_s)
-            await self._safe_reload()
+        while not self._stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), timeout=self.refresh_s)
+            if not self._stop.is_set():
+                await self._safe_reload()
 
     async def _safe_reload(self) -> None:
         try:

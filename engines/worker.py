@@ -35,6 +35,7 @@ from engines.stage_outcomes import Outcomes
 from engines.stage_runner import RunnerContext, Slot, StageRunner
 from router import keys
 from router.jobs import JobStore
+from router.pubsub import follow
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,7 @@ class Worker:
         self._slot_tasks: list[asyncio.Task[None]] = []
         self._next_claim_s: dict[str, float] = {}
         self._stopping = asyncio.Event()
+        self._helpers_stop = asyncio.Event()
 
     @property
     def name(self) -> str:
@@ -92,8 +94,7 @@ class Worker:
                 self._reconcile_slots()
             await self._drain()
         finally:
-            for task in helpers:
-                task.cancel()
+            self._helpers_stop.set()
             await asyncio.gather(*helpers, return_exceptions=True)
             with contextlib.suppress(aioredis.RedisError):
                 await self.redis.srem(keys.workers(), self.name)
@@ -188,22 +189,19 @@ class Worker:
     # -- beside the slots ----------------------------------------------------------------
 
     async def _cancel_listener(self) -> None:
-        pubsub = self.redis.pubsub()
-        await pubsub.subscribe(keys.CANCEL_CHANNEL)
-        try:
-            async for message in pubsub.listen():
-                if message["type"] == "message":
-                    self.runner.cancel(message["data"].decode())
-        finally:
-            await pubsub.aclose()
+        async def on_cancel(job_id: bytes) -> None:
+            self.runner.cancel(job_id.decode())
+
+        await follow(self.redis, keys.CANCEL_CHANNEL, on_cancel, stop=self._helpers_stop)
 
     async def _heartbeat_loop(self) -> None:
-        while True:
+        while not self._helpers_stop.is_set():
             try:
                 await self._heartbeat()
             except aioredis.RedisError as exc:
                 log.warning("heartbeat failed: %s", exc)
-            await asyncio.sleep(HEARTBEAT_S)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._helpers_stop.wait(), timeout=HEARTBEAT_S)
 
     async def _heartbeat(self) -> None:
         slots = {engine: {"busy": sum(s.busy for s in slots), "total": len(slots)}

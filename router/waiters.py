@@ -8,13 +8,13 @@ request costs no polling round trips.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 import redis.asyncio as aioredis
 
 from router import keys
 from router.jobs import Job
+from router.pubsub import follow
 
 log = logging.getLogger(__name__)
 
@@ -25,16 +25,16 @@ class JobWaiters:
         self._waiting: dict[str, list[asyncio.Future[Job]]] = {}
         self._task: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
+        self._stop = asyncio.Event()
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._listen())
         await asyncio.wait_for(self._ready.wait(), timeout=10)
 
     async def stop(self) -> None:
+        self._stop.set()
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await asyncio.gather(self._task, return_exceptions=True)
 
     def register(self, job_id: str) -> asyncio.Future[Job]:
         """Register interest before the job is enqueued, so its end cannot be missed."""
@@ -50,20 +50,15 @@ class JobWaiters:
             self._waiting.pop(job_id, None)
 
     async def _listen(self) -> None:
-        pubsub = self.redis.pubsub()
-        await pubsub.subscribe(keys.JOB_DONE_CHANNEL)
-        self._ready.set()
+        await follow(self.redis, keys.JOB_DONE_CHANNEL, self._wake, stop=self._stop,
+                     subscribed=self._ready)
+
+    async def _wake(self, data: bytes) -> None:
         try:
-            async for message in pubsub.listen():
-                if message["type"] != "message":
-                    continue
-                try:
-                    job = Job.model_validate_json(message["data"])
-                except ValueError:
-                    log.exception("unreadable job-done message")
-                    continue
-                for future in self._waiting.pop(job.id, []):
-                    if not future.done():
-                        future.set_result(job)
-        finally:
-            await pubsub.aclose()
+            job = Job.model_validate_json(data)
+        except ValueError:
+            log.exception("unreadable job-done message")
+            return
+        for future in self._waiting.pop(job.id, []):
+            if not future.done():
+                future.set_result(job)
