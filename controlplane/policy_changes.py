@@ -27,8 +27,9 @@ class PolicyApplied:
     changed: bool
 
 
-async def _put_in_force(redis: aioredis.Redis, policy: Policy, registry: Registry, *,
-                        actor: str, reason: str, action: str) -> PolicyApplied:
+async def put_in_force(redis: aioredis.Redis, policy: Policy, registry: Registry, *,
+                       actor: str, reason: str, action: str = "policy.apply") -> PolicyApplied:
+    """Apply a validated policy, giving every model it uses a stable version first."""
     missing = check_models(policy, set(registry.models()))
     if missing:
         raise PolicyError(f"the policy names models that are not in the registry "
@@ -53,7 +54,7 @@ async def apply_policy_text(redis: aioredis.Redis, text: str, registry: Registry
                             actor: str, reason: str, source: str) -> PolicyApplied:
     """Validate YAML and put it in force; raise PolicyError (nothing changes) if invalid."""
     policy = parse_policy(text, source=source)
-    return await _put_in_force(redis, policy, registry, actor=actor, reason=reason,
+    return await put_in_force(redis, policy, registry, actor=actor, reason=reason,
                                action="policy.apply")
 
 
@@ -74,6 +75,6 @@ async def rollback_policy(redis: aioredis.Redis, registry: Registry, *, actor: s
     policy = await store.get(to)
     if policy is None:
         raise NotFound(f"policy version {to!r} was never applied here")
-    return await _put_in_force(redis, policy, registry, actor=actor,
+    return await put_in_force(redis, policy, registry, actor=actor,
                                reason=reason or f"rollback to {to[:19]}",
                                action="policy.rollback")

@@ -16,6 +16,7 @@ from pathlib import Path
 import redis.asyncio as aioredis
 
 from controlplane.policy_changes import PolicyApplied, apply_policy_text
+from controlplane.signals import on_stop_signals
 from engines.registry import Registry
 from router.errors import PolicyError
 
@@ -69,12 +70,8 @@ class PolicyWatcher:
 
 async def run_policy_watch(redis_url: str, path: Path, registry: Registry) -> None:
     """Watch until SIGTERM/SIGINT."""
-    import signal
-
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    on_stop_signals(stop.set)
     redis = aioredis.Redis.from_url(redis_url)
     try:
         await PolicyWatcher(redis, path, registry).run(stop)

@@ -11,38 +11,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import socket
 import time
-import uuid
 
 import redis.asyncio as aioredis
 
 from controlplane.rollout_analysis import Outcome, analyse_rollout
 from controlplane.rollouts import Phase, Rollout, RolloutStore, apply_transition
+from controlplane.signals import on_stop_signals
 from router import keys
 from router.errors import Conflict
+from router.leases import Lease
 
 log = logging.getLogger("laneway.controller")
 
 ACTOR = "controller"
 TICK_S = 0.25
 LOCK_TTL_MS = 5_000
-
-# Extend the lock only while we still hold it (the token is ours).
-_RENEW = """
-if redis.call('get', KEYS[1]) == ARGV[1] then
-  return redis.call('pexpire', KEYS[1], ARGV[2])
-end
-return 0
-"""
-_RELEASE = """
-if redis.call('get', KEYS[1]) == ARGV[1] then
-  return redis.call('del', KEYS[1])
-end
-return 0
-"""
-
 
 async def reconcile_rollout(redis: aioredis.Redis, rollout: Rollout, *,
                             now_s: float) -> Rollout | None:
@@ -74,26 +58,19 @@ class Controller:
                  lock_ttl_ms: int = LOCK_TTL_MS) -> None:
         self.redis = redis
         self.tick_s = tick_s
-        self.lock_ttl_ms = lock_ttl_ms
-        self.token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.lease = Lease(redis, keys.controller_lock(), ttl_ms=lock_ttl_ms)
         self.rollouts = RolloutStore(redis)
         self.holding = False
 
     async def hold_lock(self) -> bool:
         """Take the lock if free, or extend it if ours; True while we hold it."""
-        if self.holding:
-            renewed = await self.redis.eval(_RENEW, 1, keys.controller_lock(), self.token,
-                                             self.lock_ttl_ms)
-            self.holding = bool(renewed)
-        if not self.holding:
-            self.holding = bool(await self.redis.set(keys.controller_lock(), self.token,
-                                                     nx=True, px=self.lock_ttl_ms))
-            if self.holding:
-                log.info("controller lock taken by %s", self.token)
+        was_holding, self.holding = self.holding, await self.lease.hold()
+        if self.holding and not was_holding:
+            log.info("controller lock taken by %s", self.lease.token)
         return self.holding
 
     async def release_lock(self) -> None:
-        await self.redis.eval(_RELEASE, 1, keys.controller_lock(), self.token)
+        await self.lease.release()
         self.holding = False
 
     async def tick(self, now_s: float) -> list[Rollout]:
@@ -129,15 +106,11 @@ class Controller:
 
 async def run_controller(redis_url: str) -> None:
     """Run the loop until SIGTERM/SIGINT."""
-    import signal
-
     from router.telemetry import setup_tracing, shutdown_tracing
 
     setup_tracing("laneway-controller")
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    on_stop_signals(stop.set)
     redis = aioredis.Redis.from_url(redis_url)
     try:
         await Controller(redis).run(stop)

@@ -21,11 +21,10 @@ from pathlib import Path
 import redis.asyncio as aioredis
 import uvicorn
 
-from controlplane.deployments import DeploymentStore
 from controlplane.embedded_redis import EmbeddedRedis
 from controlplane.policy import EngineKind, Policy, check_models
+from controlplane.policy_changes import put_in_force
 from controlplane.policy_loader import load_policy
-from controlplane.policy_store import PolicyStore
 from controlplane.settings import Settings
 from engines.registry import Registry
 from engines.tiny_models import make_tiny
@@ -67,13 +66,8 @@ async def publish_policy(redis_url: str, policy: Policy, registry: Registry) -> 
     """Put the policy in force and give every model it uses a stable version."""
     redis = aioredis.Redis.from_url(redis_url)
     try:
-        await PolicyStore(redis).apply(policy, actor="serve", reason="laneway serve start")
-        deployments = DeploymentStore(redis)
-        for spec in policy.engines.values():
-            if spec.is_local_model and spec.model:
-                latest = registry.latest_version(spec.model)
-                if latest is not None:
-                    await deployments.ensure_stable(spec.model, latest)
+        await put_in_force(redis, policy, registry, actor="serve",
+                           reason="laneway serve start")
     finally:
         await redis.aclose()
 

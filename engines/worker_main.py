@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import signal
 
 import redis.asyncio as aioredis
 import torch
 
 from controlplane.settings import Settings
+from controlplane.signals import on_stop_signals
 from engines.artifacts import ArtifactStore
 from engines.registry import Registry
 from engines.worker import Worker, WorkerOptions
@@ -30,9 +30,7 @@ async def _serve(settings: Settings, device: str, engines: frozenset[str] | None
         job_ttl_s=settings.job_ttl_s, engines=engines,
         drain_timeout_s=settings.drain_timeout_s,
     ))
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, worker.stop)
+    on_stop_signals(worker.stop)
     try:
         await worker.run()
     finally:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import secrets
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -25,6 +24,7 @@ from controlplane.live_config import LiveConfig
 from controlplane.policy import Policy
 from router import keys
 from router.jobs import Job
+from router.leases import Lease
 from router.queue import add_event, enqueue_stage
 
 log = logging.getLogger(__name__)
@@ -32,18 +32,6 @@ log = logging.getLogger(__name__)
 TICK_S = 0.2
 LOCK_TTL_MS = 5000
 MAX_RELEASED_DEPTH = 32
-
-_RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
-return 0
-"""
-_UNLOCK = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
-
 
 async def lane_depths(redis: aioredis.Redis, policy: Policy) -> dict[tuple[str, str], int]:
     """XLEN of every ``(engine, tier)`` lane of the policy, in one round trip."""
@@ -62,9 +50,7 @@ class DeferralDispatcher:
         self.live = live
         self.job_ttl_s = job_ttl_s
         self.tick_s = tick_s
-        self.owner = secrets.token_hex(8)
-        self._renew = redis.register_script(_RENEW)
-        self._unlock = redis.register_script(_UNLOCK)
+        self.lease = Lease(redis, keys.deferral_lock(), ttl_ms=LOCK_TTL_MS)
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
 
@@ -79,7 +65,7 @@ class DeferralDispatcher:
         if self._task is not None:
             await self._task
         with contextlib.suppress(aioredis.RedisError):
-            await self._unlock(keys=[keys.deferral_lock()], args=[self.owner])
+            await self.lease.release()
 
     async def _run(self) -> None:
         while not self._stopping.is_set():
@@ -93,10 +79,7 @@ class DeferralDispatcher:
 
     async def hold_lock(self) -> bool:
         """Take the deferral lock, or extend it when this process holds it already."""
-        lock = keys.deferral_lock()
-        if await self.redis.set(lock, self.owner, nx=True, px=LOCK_TTL_MS):
-            return True
-        return bool(await self._renew(keys=[lock], args=[self.owner, LOCK_TTL_MS]))
+        return await self.lease.hold()
 
     async def release_ready(self, policy: Policy) -> int:
         """Move as many deferred jobs to their lanes as the load allows; return how many."""

@@ -8,13 +8,10 @@ where a test needs a provider to misbehave (a concurrency cap, an error echoing 
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from io import BytesIO
-from pathlib import Path
 from string import Template
 from typing import Any
 
@@ -22,71 +19,18 @@ import numpy as np
 import pytest
 import redis
 import redis.asyncio as aioredis
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from PIL import Image
 
-from controlplane.embedded_redis import STATE_FILE
 from engines.circuit import CircuitState, CircuitStatus, is_open
 from engines.registry import Registry
 from router import keys
 from tests.conftest import POLICIES
 from tests.provider import Provider, Reply
-from tests.service import Service
+from tests.service import Service, bundled_redis_url
+from tests.span_collector import SpanCollector
 
 API_KEY = "sk-remote-7f3a9c1e5b2d-must-not-leak"
 CLIENT_KIND = 3  # opentelemetry.proto Span.SpanKind.SPAN_KIND_CLIENT
-
-
-def _value(value: Any) -> str:
-    kind = value.WhichOneof("value")
-    return str(getattr(value, kind)) if kind else ""
-
-
-class SpanCollector:
-    """An OTLP/HTTP receiver on loopback keeping every span with its attributes and events."""
-
-    def __init__(self) -> None:
-        self.spans: list[dict[str, Any]] = []
-        collector = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 (http.server API)
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                request = ExportTraceServiceRequest.FromString(body)
-                for resource_spans in request.resource_spans:
-                    service = next((a.value.string_value for a in resource_spans.resource
-                                    .attributes if a.key == "service.name"), "")
-                    for scope in resource_spans.scope_spans:
-                        for span in scope.spans:
-                            collector.spans.append({
-                                "service": service, "name": span.name, "kind": span.kind,
-                                "trace_id": span.trace_id.hex(), "span_id": span.span_id.hex(),
-                                "parent": span.parent_span_id.hex(),
-                                "attributes": {a.key: _value(a.value)
-                                               for a in span.attributes},
-                                "text": str(span),
-                            })
-                self.send_response(200)
-                self.end_headers()
-
-            def log_message(self, *args: object) -> None:
-                return None
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    @property
-    def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
-def bundled_url(home: Path) -> str:
-    state = json.loads((home / "valkey" / STATE_FILE).read_text())
-    return f"redis://127.0.0.1:{state['port']}/0"
 
 
 def tracing_env(collector: SpanCollector, service: str) -> dict[str, str]:
@@ -221,7 +165,7 @@ def test_a_provider_error_echoing_the_key_is_scrubbed(instance_a: Service) -> No
 
 async def test_b_down_opens_the_circuit_and_b_back_closes_it(
         instance_a: Service, instance_b: Service) -> None:
-    a_redis = aioredis.Redis.from_url(bundled_url(instance_a.home))
+    a_redis = aioredis.Redis.from_url(bundled_redis_url(instance_a.home))
     try:
         instance_b.stop()
         # the first two jobs try B, give up after their retries and fall back to turbo
@@ -258,7 +202,7 @@ def test_the_api_key_appears_nowhere(instance_a: Service, collector: SpanCollect
                    and s["kind"] == CLIENT_KIND)
     assert API_KEY not in instance_a.log_path.read_text(errors="replace")  # type: ignore[union-attr]
     assert all(API_KEY not in span["text"] for span in collector.spans)
-    client = redis.Redis.from_url(bundled_url(instance_a.home))
+    client = redis.Redis.from_url(bundled_redis_url(instance_a.home))
     try:
         stored = []
         for key in client.scan_iter(count=500):

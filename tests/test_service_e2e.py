@@ -6,59 +6,17 @@ import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from io import BytesIO
 
 import pytest
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from PIL import Image
 
 from engines.registry import Registry
 from tests.conftest import POLICIES
 from tests.service import Service
+from tests.span_collector import SpanCollector
 
 SPINE_POLICY = POLICIES / "spine.yaml"
-
-
-class SpanCollector:
-    """A minimal OTLP/HTTP trace receiver on loopback that keeps every span it gets."""
-
-    def __init__(self) -> None:
-        self.spans: list[dict[str, str]] = []
-        collector = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 (http.server API)
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                request = ExportTraceServiceRequest.FromString(body)
-                for resource_spans in request.resource_spans:
-                    service = next((a.value.string_value for a in resource_spans.resource
-                                    .attributes if a.key == "service.name"), "")
-                    for scope in resource_spans.scope_spans:
-                        for span in scope.spans:
-                            collector.spans.append({
-                                "service": service, "name": span.name,
-                                "trace_id": span.trace_id.hex(),
-                                "span_id": span.span_id.hex(),
-                                "parent": span.parent_span_id.hex(),
-                            })
-                self.send_response(200)
-                self.end_headers()
-
-            def log_message(self, *args: object) -> None:
-                return None
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    @property
-    def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture(scope="module")

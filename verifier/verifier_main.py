@@ -6,11 +6,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import signal
 
 import redis.asyncio as aioredis
 
 from controlplane.settings import Settings
+from controlplane.signals import on_stop_signals
 from engines.artifacts import ArtifactStore
 from router.telemetry import setup_tracing, shutdown_tracing
 from verifier.worker import Verifier, VerifierOptions
@@ -27,9 +27,7 @@ async def _serve(settings: Settings) -> None:
         name=verifier_name(settings), artifacts=ArtifactStore(settings.artifacts),
         job_ttl_s=settings.job_ttl_s, claim_idle_ms=settings.verify_claim_idle_ms,
     ))
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, verifier.stop)
+    on_stop_signals(verifier.stop)
     try:
         await verifier.run()
     finally:
