@@ -154,9 +154,10 @@ class Cluster:
                     log = (self.home / "worker-sim0.log").read_text(errors="replace")[-2000:]
                     raise RuntimeError(f"only {client.scard(keys.workers())} of {count} "
                                        f"workers registered in {timeout_s} s; sim0:\n{log}")
-                dead = [w.args for w in self.workers if w.poll() is not None]
+                dead = [i for i, w in enumerate(self.workers) if w.poll() is not None]
                 if dead:
-                    raise RuntimeError(f"worker exited at start: {dead[0]}")
+                    raise RuntimeError(f"worker sim{dead[0]} exited at start; see "
+                                       f"{self.home / f'worker-sim{dead[0]}.log'}")
                 time.sleep(0.5)
         finally:
             client.close()

@@ -43,6 +43,17 @@ def latency_figures(latencies_s: list[float], service_s: float) -> dict[str, flo
             "p95_x_service": round(p95 / service_s, 2)}
 
 
+def first_stage_figures(parts: list[tuple[int, int]]) -> dict[str, float]:
+    """Where the first stage's time went: waiting in its lane, and the engine call."""
+    if not parts:
+        return {}
+    queued, run = [float(q) for q, _ in parts], [float(r) for _, r in parts]
+    return {"stage1_queued_ms_p50": round(percentile(queued, 50)),
+            "stage1_queued_ms_p95": round(percentile(queued, 95)),
+            "stage1_run_ms_p50": round(percentile(run, 50)),
+            "stage1_run_ms_p95": round(percentile(run, 95))}
+
+
 def union_s(intervals: list[tuple[float, float]], start: float, end: float) -> float:
     """Length of the union of ``intervals`` clipped to ``[start, end]``."""
     total, reach = 0.0, start
@@ -103,7 +114,10 @@ def analyse(scenario: Scenario, t0: float, submissions: list[Submission],
     spike = (scenario.spike_start_s, scenario.spike_end_s)
     latencies: dict[str, dict[str, list[float]]] = {
         "steady": defaultdict(list), "spike": defaultdict(list), "all": defaultdict(list)}
+    parts: dict[str, dict[str, list[tuple[int, int]]]] = {
+        "steady": defaultdict(list), "spike": defaultdict(list), "all": defaultdict(list)}
     outcomes: Counter[str] = Counter()
+    errors: Counter[str] = Counter()
     failures: Counter[str] = Counter()
     lost = 0
     for sub in submissions:
@@ -113,6 +127,7 @@ def analyse(scenario: Scenario, t0: float, submissions: list[Submission],
             continue
         if sub.job_id is None:
             outcomes["errors"] += 1
+            errors[(sub.error or f"HTTP {sub.status_code}")[:160]] += 1
             continue
         outcomes["accepted"] += 1
         outcomes["degraded"] += bool(sub.degraded_from)
@@ -126,12 +141,17 @@ def analyse(scenario: Scenario, t0: float, submissions: list[Submission],
         latency_s = epoch_s(job["completed_at"]) - epoch_s(job["created_at"])
         for bucket in (phase, "all"):
             latencies[bucket][job_class(job)].append(latency_s)
+            first = job["stages"][0]
+            parts[bucket][job_class(job)].append(
+                (first.get("queued_ms") or 0, first.get("run_ms") or 0))
     by_phase = {phase: {cls: latency_figures(values, draft_service_s)
+                        | first_stage_figures(parts[phase][cls])
                         for cls, values in sorted(classes.items())}
                 for phase, classes in latencies.items()}
     for figures in by_phase.values():
         figures.setdefault("draft", {"count": 0, "p95_x_service": float("nan")})
-    retry_after = [s.retry_after_s for s in submissions if s.retry_after_s is not None]
+    retry_after = [float(s.retry_after_s) for s in submissions
+                   if s.retry_after_s is not None]
     answered_ms = [s.answered_s * 1000 - s.arrival.at_s * 1000 for s in submissions]
     done = [j for j in jobs.values() if j["status"] in FINAL_STATUSES]
     window = (t0 + spike[0] + scenario.settle_s, t0 + spike[1])
@@ -142,7 +162,7 @@ def analyse(scenario: Scenario, t0: float, submissions: list[Submission],
         "submit_answer_ms": {"p50": round(percentile(answered_ms, 50), 1),
                              "p99": round(percentile(answered_ms, 99), 1)},
         "lost": lost, "failed": sum(failures.values()),
-        "failures": dict(failures.most_common(3)),
+        "failures": dict(failures.most_common(3)), "submit_errors": dict(errors.most_common(3)),
         **by_phase,
         "utilisation": utilisation(done, devices, *window),
     }
