@@ -12,21 +12,24 @@ from __future__ import annotations
 import json
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from controlplane.policy import EngineSpec
-from engines.base import LoraRef
-from engines.factory import build_engine
-from engines.pipelines import DiffusersEngine
-from engines.registry import Registry
-from engines.tiny_models import make_tiny
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import write_result  # noqa: E402
+from controlplane.policy import EngineSpec  # noqa: E402
+from engines.base import LoraRef  # noqa: E402
+from engines.factory import build_engine  # noqa: E402
+from engines.pipelines import DiffusersEngine  # noqa: E402
+from engines.registry import Registry  # noqa: E402
+from engines.tiny_models import make_tiny  # noqa: E402
 
 SAMPLES = 30
-RESULTS = Path(__file__).parent / "results" / "lora_switch.json"
 ADAPTERS = [LoraRef("tiny-lora-a", "1"), LoraRef("tiny-lora-b", "1")]
 
 
@@ -80,8 +83,10 @@ def main() -> None:
                                            "min": round(min(load_ms), 2),
                                            "max": round(max(load_ms), 2)},
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    summary = (f"cached switch median {result['switch_cached_ms']['median']} ms (target "
+               f"≤ 50), uncached load median "
+               f"{result['load_uncached_with_eviction_ms']['median']} ms, {SAMPLES} samples")
+    write_result("lora_switch", "python bench/lora_switch.py", result, summary)
     print(json.dumps(result, indent=2))
 
 

@@ -32,13 +32,13 @@ from verifier.typography import (
 
 # Run as a script, this folder is sys.path[0]; the labelled set is imported as bench.*.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.common import write_result  # noqa: E402
 from bench.labelled_set import NEGATIVE_KINDS, Sample, available_fonts, labelled_set  # noqa: E402
 
 N_POSITIVE, N_NEGATIVE, SEED = 120, 120, 2026
 SWEEP_N, SWEEP_SEED = 40, 7
 SWEEP_SIDES_PX = (1024, 736, 640, 512, 384)
 CURVE_THRESHOLDS = (0.8, 0.85, 0.9, 0.95, 1.0)
-RESULTS = Path(__file__).resolve().parent / "results" / "verifier_accuracy.json"
 
 
 def rates(labels: list[bool], scores: list[float], threshold: float) -> dict[str, float]:
@@ -130,11 +130,15 @@ def main() -> None:
         "mistakes": mistakes,
         "bench_runtime_s": round(time.perf_counter() - started, 1),
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
+    latency = report["latency_ms_per_image"]["check_image"]
+    summary = (f"precision {report['precision']}, recall {report['recall']} on "
+               f"{N_POSITIVE}+{N_NEGATIVE} labelled images; check_image p95 "
+               f"{latency.get('p95')} ms per 1024² image on one core")
+    results = write_result("verifier_accuracy", "python bench/verifier_accuracy.py", report,
+                           summary)
     print(json.dumps({k: report[k] for k in ("precision", "recall", "confusion",
                                              "latency_ms_per_image")}, indent=2))
-    print(f"wrote {RESULTS}")
+    print(f"wrote {results}")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from opentelemetry import trace
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 from PIL import Image
+from redis.asyncio.client import Pipeline
 
 from controlplane.live_config import LiveConfig
 from controlplane.policy import EngineKind, EngineSpec, Policy
@@ -49,6 +50,10 @@ _tracer = tracer("laneway.worker")
 
 VERSIONS_PER_SLOT = 2
 CANCELLED_KEPT = 10_000
+
+
+class _EndedMeanwhile(Exception):
+    """The job became final (cancelled) after it was read: do not start it."""
 
 
 @dataclass
@@ -165,7 +170,11 @@ class StageRunner:
         except Exception as exc:  # bad input fails this item alone, before any batching
             await self.outcomes.fail(entry, f"cannot prepare stage input: {describe(exc)}")
             return None
-        job = await self._start(entry, job, policy)
+        try:
+            job = await self._start(entry, job, policy)
+        except _EndedMeanwhile:  # cancelled between the read and the start
+            await self.outcomes.acknowledge(entry)
+            return None
         return Work(entry, job, policy, spec, item)
 
     async def _start(self, entry: Entry, job: Job, policy: Policy) -> Job:
@@ -173,6 +182,8 @@ class StageRunner:
         steps = stage_steps(job, policy, index)
 
         def change(j: Job) -> None:
+            if j.status.is_final:
+                raise _EndedMeanwhile(j.id)
             record = j.stages[index]
             if j.status is JobStatus.queued:
                 j.transition(JobStatus.running)
@@ -182,12 +193,11 @@ class StageRunner:
             record.queued_ms = max(0, started_ms - entry.message.enqueued_ms)
             j.current_stage = index
 
-        job = await self.jobs.update(job.id, change)
-        async with self.jobs.redis.pipeline(transaction=False) as pipe:
-            add_event(pipe, job.id, "dispatched", stage=index,
-                      engine=job.stages[index].engine, worker=self.ctx.worker)
-            await pipe.execute()
-        return job
+        def dispatched(pipe: Pipeline, j: Job) -> None:
+            add_event(pipe, j.id, "dispatched", stage=index, engine=j.stages[index].engine,
+                      worker=self.ctx.worker)
+
+        return await self.jobs.update(job.id, change, also=dispatched)
 
     @staticmethod
     def _timeout_text(job: Job, policy: Policy) -> str:

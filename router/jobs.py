@@ -11,6 +11,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from pydantic import BaseModel, Field
+from redis.asyncio.client import Pipeline
 
 from router import keys
 from router.errors import InternalError, NotFound
@@ -169,8 +170,12 @@ class JobStore:
             raise NotFound(f"job {job_id!r} does not exist", details=[])
         return Job.model_validate_json(raw)
 
-    async def update(self, job_id: str, change: Callable[[Job], None]) -> Job:
-        """Read, change and write a job atomically (WATCH/MULTI, retried on conflict)."""
+    async def update(self, job_id: str, change: Callable[[Job], None], *,
+                     also: Callable[[Pipeline, Job], None] | None = None) -> Job:
+        """Read, change and write a job atomically (WATCH/MULTI, retried on conflict).
+
+        ``also`` adds commands (events, counters) to the same transaction.
+        """
         key = keys.job(job_id)
         async with self.redis.pipeline(transaction=True) as pipe:
             while True:
@@ -183,6 +188,8 @@ class JobStore:
                     change(job)
                     pipe.multi()
                     pipe.set(key, job.model_dump_json(), ex=self.ttl_s)
+                    if also is not None:
+                        also(pipe, job)
                     await pipe.execute()
                     return job
                 except aioredis.WatchError:
