@@ -8,6 +8,7 @@ path. Loading from YAML with line numbers lives in ``controlplane/policy_loader.
 from __future__ import annotations
 
 import hashlib
+from functools import cached_property
 import json
 from enum import StrEnum
 from typing import Annotated, Literal
@@ -221,7 +222,7 @@ class Policy(Strict):
     def canonical_json(self) -> str:
         return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
 
-    @property
+    @cached_property
     def version_id(self) -> str:
         digest = hashlib.sha256(self.canonical_json().encode()).hexdigest()
         return f"sha256:{digest}"
