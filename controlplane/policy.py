@@ -8,9 +8,9 @@ path. Loading from YAML with line numbers lives in ``controlplane/policy_loader.
 from __future__ import annotations
 
 import hashlib
-from functools import cached_property
 import json
 from enum import StrEnum
+from functools import cached_property
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator

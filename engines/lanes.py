@@ -10,6 +10,7 @@ wait (XREAD BLOCK from each lane's last id, so an entry added in between is not 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import redis.asyncio as aioredis
 
@@ -89,7 +90,8 @@ class LaneReader:
                     pipe.xpending(stream, keys.ENGINE_GROUP)
                     pipe.xrevrange(stream, count=1)
                 replies = await pipe.execute()
-            waiting, last_ids = set(), {}
+            waiting: set[str] = set()
+            last_ids: dict[Any, Any] = {}
             for i, (tier, stream) in enumerate(streams.items()):
                 length, pending, last = replies[3 * i: 3 * i + 3]
                 if length - pending["pending"] > 0:
@@ -97,7 +99,7 @@ class LaneReader:
                 last_ids[stream] = last[0][0] if last else b"0-0"
             while waiting:
                 tier = turns.pick(weights, waiting)
-                reply = await self.redis.xreadgroup(
+                reply: Any = await self.redis.xreadgroup(
                     keys.ENGINE_GROUP, self.consumer, {streams[tier]: ">"}, count=count)
                 entries = _entries(reply, tier)
                 if entries:

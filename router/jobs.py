@@ -12,6 +12,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from pydantic import BaseModel, Field
 from redis.asyncio.client import Pipeline
+from redis.typing import EncodableT, FieldT
 
 from router import keys
 from router.errors import InternalError, NotFound
@@ -196,6 +197,6 @@ class JobStore:
                     continue
 
 
-def event_fields(kind: str, **data: Any) -> dict[str, str]:
+def event_fields(kind: str, **data: Any) -> dict[FieldT, EncodableT]:
     """A job event as stream fields: ``kind`` plus a JSON body."""
     return {"kind": kind, "data": json.dumps(data, separators=(",", ":")), "ts": utc_now()}

@@ -10,6 +10,7 @@ import json
 from dataclasses import dataclass
 
 from redis.asyncio.client import Pipeline
+from redis.typing import EncodableT, FieldT
 
 from router import keys
 from router.jobs import Job, StageStatus, event_fields, now_ms
@@ -24,7 +25,7 @@ class StageMessage:
     trace: dict[str, str]
     enqueued_ms: int
 
-    def fields(self) -> dict[str, str]:
+    def fields(self) -> dict[FieldT, EncodableT]:
         return {"job": self.job_id, "stage": str(self.stage), "trace": json.dumps(self.trace),
                 "enqueued_ms": str(self.enqueued_ms)}
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 from opentelemetry.trace import Status, StatusCode
+from PIL import Image
 
 from controlplane.live_config import LiveConfig, Snapshot
 from controlplane.policy import EngineKind, Mode, Policy, Route, Stage
@@ -169,20 +170,20 @@ class Submitter:
                                f"runs {spec.model} on engine {stage.engine}", lora.id)
 
     def _decode_inputs(self, req: ImageRequest, snapshot: Snapshot,
-                       errors: list[FieldError]) -> dict[str, object]:
+                       errors: list[FieldError]) -> dict[str, Image.Image]:
         limits = snapshot.policy.limits
-        decoded: dict[str, object] = {}
+        decoded: dict[str, Image.Image] = {}
         for name, payload, mode in (("image", req.image, "RGB"), ("mask", req.mask, "L")):
             if payload is None or req.mode is Mode.txt2img:
                 continue
             image, error = decode_image(name, payload, max_bytes=limits.max_image_bytes,
                                         max_pixels=limits.max_pixels, mode=mode)
+            if image is not None:
+                decoded[name] = image
             if error is not None:
                 errors.append(error)
-            else:
-                decoded[name] = image
         if "image" in decoded and "mask" in decoded:
-            size_i, size_m = decoded["image"].size, decoded["mask"].size  # type: ignore[attr-defined]
+            size_i, size_m = decoded["image"].size, decoded["mask"].size
             if size_i != size_m:
                 errors.append(FieldError(
                     "mask", f"is {size_m[0]}x{size_m[1]} but image is {size_i[0]}x{size_i[1]}"))
