@@ -19,6 +19,8 @@ from pathlib import Path
 
 import redis
 
+from controlplane.child_process import die_with_parent
+
 STATE_FILE = "server.json"
 START_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 10.0
@@ -67,6 +69,9 @@ class EmbeddedRedis:
     """Start, find again, and stop the bundled server that lives in ``data_dir``."""
 
     data_dir: Path
+    #: stop the server when this process dies (tests); by default it outlives a crash and is
+    #: adopted by the next start
+    die_with_parent: bool = False
     pid: int | None = None
     port: int | None = None
     reused: bool = False
@@ -94,7 +99,7 @@ class EmbeddedRedis:
              "--daemonize", "no", "--protected-mode", "yes", "--loglevel", "warning",
              "--logfile", str((self.data_dir / "valkey.log").resolve())],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            start_new_session=True,
+            start_new_session=True, preexec_fn=die_with_parent if self.die_with_parent else None,
         )
         self.pid, self.port = process.pid, port
         self._state_path.write_text(json.dumps({"pid": self.pid, "port": self.port}))

@@ -9,7 +9,6 @@ device, and runs the API in this process. Ctrl-C / SIGTERM stops the API, then t
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import logging
 import os
 import signal
@@ -21,6 +20,7 @@ from pathlib import Path
 import redis.asyncio as aioredis
 import uvicorn
 
+from controlplane.child_process import die_with_parent
 from controlplane.embedded_redis import EmbeddedRedis
 from controlplane.policy import EngineKind, Policy, check_models
 from controlplane.policy_changes import put_in_force
@@ -32,13 +32,6 @@ from router.errors import PolicyError
 
 log = logging.getLogger("laneway.serve")
 WORKER_DRAIN_S = 30.0
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    """In a child: receive SIGTERM when the parent dies, so a crashed serve leaves no worker."""
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 @dataclass
@@ -88,7 +81,7 @@ def child_commands(settings: Settings, policy: Policy) -> list[list[str]]:
 def start_child(settings: Settings, args: list[str]) -> subprocess.Popen[bytes]:
     env = {**os.environ, "LANEWAY_REDIS_URL": settings.redis_url or ""}
     return subprocess.Popen([sys.executable, "-m", "controlplane.cli", *args], env=env,
-                            preexec_fn=_die_with_parent)
+                            preexec_fn=die_with_parent)
 
 
 def stop_process(process: subprocess.Popen[bytes], *, timeout_s: float) -> None:

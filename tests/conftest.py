@@ -29,7 +29,7 @@ def tiny_registry(tmp_path_factory: pytest.TempPathFactory) -> Registry:
 
 @pytest.fixture(scope="session")
 def valkey(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedRedis]:
-    server = EmbeddedRedis(tmp_path_factory.mktemp("valkey"))
+    server = EmbeddedRedis(tmp_path_factory.mktemp("valkey"), die_with_parent=True)
     server.start()
     yield server
     server.stop()

@@ -70,7 +70,7 @@ def test_a_stale_state_file_does_not_block_the_start(tmp_path: Path, bogus: obje
     data = tmp_path / "valkey"
     data.mkdir()
     (data / "server.json").write_text(bogus if isinstance(bogus, str) else json.dumps(bogus))
-    server = EmbeddedRedis(data)
+    server = EmbeddedRedis(data, die_with_parent=True)
     url = server.start()
     try:
         assert not server.reused and url.startswith("redis://127.0.0.1:")

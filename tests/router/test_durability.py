@@ -23,7 +23,7 @@ from tests.router.conftest import running_router
 
 async def test_server_restart_between_submit_and_dispatch_loses_no_job(
         tiny_registry: Registry, tmp_path: Path) -> None:
-    server = EmbeddedRedis(tmp_path / "valkey")
+    server = EmbeddedRedis(tmp_path / "valkey", die_with_parent=True)
     url = server.start()
     worker = None
     try:
