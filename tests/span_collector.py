@@ -36,6 +36,7 @@ class SpanCollector:
                                 "parent": span.parent_span_id.hex(),
                                 "attributes": {a.key: _value(a.value)
                                                for a in span.attributes},
+                                "links": [link.trace_id.hex() for link in span.links],
                                 "text": str(span),
                             })
                 self.send_response(200)

@@ -20,6 +20,7 @@ from engines.registry import Registry
 from router import keys
 from tests.conftest import POLICIES
 from tests.service import Service, WorkerProcess, bundled_redis_url
+from tests.span_collector import SpanCollector
 
 POLICY = POLICIES / "worker.yaml"
 
@@ -31,11 +32,22 @@ def png_b64(size: tuple[int, int] = (16, 16)) -> str:
 
 
 @pytest.fixture(scope="module")
-def api(tiny_registry: Registry, tmp_path_factory: pytest.TempPathFactory
-        ) -> Iterator[Service]:
-    """The API and bundled server only; each test starts the workers it needs."""
+def spans() -> Iterator[SpanCollector]:
+    collector = SpanCollector()
+    yield collector
+    collector.close()
+
+
+@pytest.fixture(scope="module")
+def api(tiny_registry: Registry, tmp_path_factory: pytest.TempPathFactory,
+        spans: SpanCollector) -> Iterator[Service]:
+    """The API and bundled server only; each test starts the workers it needs (they inherit
+    the service's environment, tracing to ``spans`` included)."""
     svc = Service(home=tmp_path_factory.mktemp("workers"), registry=tiny_registry.root,
-                  policy=POLICY, extra_args=["--no-workers"], ready_path="/healthz")
+                  policy=POLICY, extra_args=["--no-workers"], ready_path="/healthz",
+                  extra_env={"OTEL_TRACES_EXPORTER": "otlp",
+                             "OTEL_EXPORTER_OTLP_ENDPOINT": spans.endpoint,
+                             "OTEL_BSP_SCHEDULE_DELAY": "100"})
     svc.start()
     yield svc
     svc.stop()
@@ -102,7 +114,8 @@ def test_tiers_share_one_slot_by_weight(api: Service) -> None:
     assert first.count("batch") >= 6
 
 
-def test_upscale_lane_batches_under_load_and_alone(api: Service) -> None:
+def test_upscale_lane_batches_under_load_and_alone(api: Service,
+                                                    spans: SpanCollector) -> None:
     worker = WorkerProcess(api, "turbo,x2").start()
     try:
         wait_for_workers(api, worker)
@@ -111,11 +124,20 @@ def test_upscale_lane_batches_under_load_and_alone(api: Service) -> None:
                                  range(12)))
             lone = submit(client, intent="final", seed=99, wait=60)
     finally:
-        assert worker.stop() == 0
+        assert worker.stop() == 0  # flushes its spans
     sizes = [j["stages"][1]["batch_size"] for j in jobs]
     assert all(j["status"] == "completed" for j in jobs)
     assert max(sizes) > 1 and max(sizes) <= 4
     assert all(j["images"][0]["width"] == 128 for j in jobs)
+    # a batch's span links the trace of every item in it
+    batched = {j["trace_id"] for j in jobs if j["stages"][1]["batch_size"] > 1}
+    batch_spans = [s for s in spans.spans if s["name"] == "laneway.stage"
+                   and s["trace_id"] in batched
+                   and int(s["attributes"]["laneway.batch_size"]) > 1]
+    assert batch_spans
+    for span in batch_spans:
+        assert len(span["links"]) == int(span["attributes"]["laneway.batch_size"])
+        assert set(span["links"]) <= batched
     upscale = lone["stages"][1]
     assert upscale["batch_size"] == 1
     # a lone item waits for max_wait_ms (150) at most, plus scheduling slack
