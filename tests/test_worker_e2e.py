@@ -265,3 +265,18 @@ def test_sse_shows_the_job_s_life_in_order(api: Service) -> None:
     assert kinds.index("dispatched") < first_progress < kinds.index("stage_completed")
     steps = [d for k, d in events if k == "progress"]
     assert steps[0] == {"stage": 0, "step": 1, "steps": 1, "ts": steps[0]["ts"]}
+
+
+def test_a_stage_past_the_route_timeout_stops_at_a_step_and_fails(api: Service) -> None:
+    worker = WorkerProcess(api, "slow").start()
+    try:
+        wait_for_workers(api, worker)
+        with api.client() as client:
+            job = submit(client, intent="auto", tier="premium")
+            done = wait_final(client, job["id"])
+    finally:
+        worker.stop()
+    assert done["route"] == "timed" and done["status"] == "failed"
+    assert "timeout_s=1.5" in done["error"]
+    steps = [d["step"] for k, d in _events(api, job["id"]) if k == "progress"]
+    assert steps and max(steps) < 300  # stopped part-way, at a denoising step
