@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
@@ -42,7 +41,6 @@ class LiveConfig:
         self.deployment_store = DeploymentStore(redis)
         self._snapshot: Snapshot | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._listeners: list[Callable[[Snapshot], None]] = []
         self._stop = asyncio.Event()
 
     @property
@@ -51,21 +49,13 @@ class LiveConfig:
             raise RuntimeError("LiveConfig.start() has not loaded a policy yet")
         return self._snapshot
 
-    def on_change(self, listener: Callable[[Snapshot], None]) -> None:
-        self._listeners.append(listener)
-
     async def reload(self) -> Snapshot:
         policy = await self.policies.current()
         if policy is None:
             raise RuntimeError("no policy in force: apply one (laneway serve --policy FILE)")
         deployments = await self.deployment_store.all()
-        snapshot = Snapshot(policy, deployments)
-        changed = self._snapshot != snapshot
-        self._snapshot = snapshot
-        if changed:
-            for listener in self._listeners:
-                listener(snapshot)
-        return snapshot
+        self._snapshot = Snapshot(policy, deployments)
+        return self._snapshot
 
     async def start(self) -> None:
         await self.reload()

@@ -9,7 +9,6 @@ half-written file.
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 from PIL import Image, PngImagePlugin
@@ -46,6 +45,3 @@ class ArtifactStore:
         with Image.open(path) as image:
             image.load()
             return image.copy()
-
-    def delete_job(self, job_id: str) -> None:
-        shutil.rmtree(self._job_dir(job_id), ignore_errors=True)
