@@ -57,6 +57,15 @@ def _job_response(job: Job, *, status_code: int = 200) -> Response[dict[str, Any
     return Response(job.public(), status_code=status_code)
 
 
+async def _visible_job(api: ApiState, job_id: str, authorization: str | None) -> Job:
+    """The job, if the caller may see it: with tenants, only the tenant's own (else 404)."""
+    policy = api.live.snapshot.policy
+    job = await api.jobs.get(job_id)
+    if policy.tenants and job.request.tenant != authenticate(policy, authorization):
+        raise NotFound(f"job {job_id!r} does not exist")
+    return job
+
+
 class JobsController(Controller):
     path = "/v1"
     dependencies = {"api": Provide(provide_api, sync_to_thread=False)}
@@ -108,22 +117,24 @@ class JobsController(Controller):
     @get("/jobs/{job_id:str}/events", operation_id="getJobEvents")
     async def events(self, job_id: str, api: ApiState, last_event_id: Annotated[
             str | None, Parameter(header="Last-Event-ID", required=False)] = None,
-                     ) -> ServerSentEvent:
+                     authorization: AuthorizationHeader = None) -> ServerSentEvent:
         """The job's events as Server-Sent Events: its state first, then its history, live."""
+        await _visible_job(api, job_id, authorization)
         messages: AsyncIterator[ServerSentEventMessage] = await job_event_messages(
             api.redis, api.jobs, job_id, last_event_id=last_event_id)
         return ServerSentEvent(messages)
 
     @get("/jobs/{job_id:str}", operation_id="getJob")
-    async def get_job(self, job_id: str, api: ApiState) -> Response[dict[str, Any]]:
-        return _job_response(await api.jobs.get(job_id))
+    async def get_job(self, job_id: str, api: ApiState,
+                      authorization: AuthorizationHeader = None) -> Response[dict[str, Any]]:
+        return _job_response(await _visible_job(api, job_id, authorization))
 
     @get("/jobs/{job_id:str}/images/{index:int}", operation_id="getJobImage",
          media_type="image/png")
-    async def get_image(self, job_id: str, index: int, api: ApiState,
-                        format: str = "png") -> Response[bytes] | File:
+    async def get_image(self, job_id: str, index: int, api: ApiState, format: str = "png",
+                        authorization: AuthorizationHeader = None) -> Response[bytes] | File:
         """The image, PNG by default, with generation metadata in its text chunks."""
-        job = await api.jobs.get(job_id)
+        job = await _visible_job(api, job_id, authorization)
         if not 0 <= index < len(job.images):
             raise NotFound(f"job {job_id} has no image {index} (it has {len(job.images)})")
         path = api.artifacts.final_path(job_id, index)

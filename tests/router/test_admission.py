@@ -172,8 +172,14 @@ async def test_tenants_need_a_key_and_an_allowed_tier(
                                       intent="draft", tier="premium")
         assert premium.status_code == 202
 
-        # cancelling needs the key too, and only reaches the tenant's own jobs
+        # reading and cancelling need the key too, and only reach the tenant's own jobs
         job_id = job.json()["id"]
+        assert (await router.http.get(f"/v1/jobs/{job_id}")).status_code == 401
+        assert (await router.http.get(f"/v1/jobs/{job_id}", headers={
+            "Authorization": "Bearer globex-secret"})).status_code == 404
+        assert (await router.http.get(f"/v1/jobs/{job_id}/events", headers={
+            "Authorization": "Bearer globex-secret"})).status_code == 404
+        assert (await router.http.get(f"/v1/jobs/{job_id}", headers=acme)).status_code == 200
         assert (await router.http.delete(f"/v1/jobs/{job_id}")).status_code == 401
         other = await router.http.delete(f"/v1/jobs/{job_id}",
                                          headers={"Authorization": "Bearer globex-secret"})
