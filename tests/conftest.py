@@ -12,6 +12,7 @@ import torch
 from controlplane.embedded_redis import EmbeddedRedis
 from engines.registry import Registry
 from engines.tiny_models import make_tiny
+from tests.span_collector import SpanCollector
 
 torch.set_num_threads(1)
 
@@ -42,3 +43,11 @@ def redis_url(valkey: EmbeddedRedis) -> str:
     client.flushall()
     client.close()
     return valkey.url
+
+
+@pytest.fixture(scope="module")
+def collector() -> Iterator[SpanCollector]:
+    """An OTLP span receiver on loopback for one test module."""
+    spans = SpanCollector()
+    yield spans
+    spans.close()

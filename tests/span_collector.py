@@ -48,6 +48,12 @@ class SpanCollector:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
+    def env(self, service: str | None = None) -> dict[str, str]:
+        """Environment that makes a Laneway process export its spans here."""
+        env = {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_ENDPOINT": self.endpoint,
+               "OTEL_BSP_SCHEDULE_DELAY": "100"}
+        return env | ({"OTEL_SERVICE_NAME": service} if service else {})
+
     @property
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.server.server_address[1]}"

@@ -33,18 +33,6 @@ API_KEY = "sk-remote-7f3a9c1e5b2d-must-not-leak"
 CLIENT_KIND = 3  # opentelemetry.proto Span.SpanKind.SPAN_KIND_CLIENT
 
 
-def tracing_env(collector: SpanCollector, service: str) -> dict[str, str]:
-    return {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_ENDPOINT": collector.endpoint,
-            "OTEL_BSP_SCHEDULE_DELAY": "100", "OTEL_SERVICE_NAME": service}
-
-
-@pytest.fixture(scope="module")
-def collector() -> Iterator[SpanCollector]:
-    spans = SpanCollector()
-    yield spans
-    spans.close()
-
-
 @pytest.fixture(scope="module")
 def providers() -> Iterator[dict[str, Provider]]:
     made = {"capped": Provider(delay_s=0.4),
@@ -62,14 +50,14 @@ def instances(tiny_registry: Registry, tmp_path_factory: pytest.TempPathFactory,
     """Instances A and B, started (and stopped) side by side."""
     b = Service(home=tmp_path_factory.mktemp("instance-b"), registry=tiny_registry.root,
                 policy=POLICIES / "remote_provider.yaml",
-                extra_env=tracing_env(collector, "laneway-b"))
+                extra_env=collector.env("laneway-b"))
     home = tmp_path_factory.mktemp("instance-a")
     policy = home / "remote_pool.yaml"
     policy.write_text(Template((POLICIES / "remote_pool.yaml").read_text()).substitute(
         B_URL=f"{b.url}/v1", CAPPED_URL=providers["capped"].base_url,
         LEAKY_URL=providers["leaky"].base_url))
     a = Service(home=home, registry=tiny_registry.root, policy=policy, extra_env={
-        "LANEWAY_TEST_REMOTE_KEY": API_KEY, **tracing_env(collector, "laneway-a")})
+        "LANEWAY_TEST_REMOTE_KEY": API_KEY, **collector.env("laneway-a")})
     with ThreadPoolExecutor(max_workers=2) as pool:
         list(pool.map(Service.start, (a, b)))
     yield a, b
