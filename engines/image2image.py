@@ -19,7 +19,7 @@ from diffusers import (
 from PIL import Image
 
 from engines.base import StageItem
-from engines.pipelines import DiffusersEngine, generators, split, step_end_callback
+from engines.pipelines import DiffusersEngine, call_sdxl
 from router.errors import StageFailed
 
 
@@ -48,19 +48,7 @@ class Image2ImageEngine(DiffusersEngine):
         return {"image": [it.images[0].convert("RGB") for it in items for _ in range(it.n)]}
 
     def call(self, items: list[StageItem]) -> list[list[Image.Image]]:
-        first = items[0]
-        negative = (None if first.negative_prompt is None
-                    else [it.negative_prompt or "" for it in items for _ in range(it.n)])
-        result = self.pipe(
-            prompt=[it.prompt for it in items for _ in range(it.n)],
-            negative_prompt=negative,
-            strength=self.strength(first),
-            num_inference_steps=self.steps(first), guidance_scale=self.guidance(first),
-            generator=[g for it in items for g in generators(it.seed, it.n)],
-            callback_on_step_end=step_end_callback(items),
-            **self.inputs(items),
-        )
-        return split(result.images, [it.n for it in items])
+        return call_sdxl(self, items, strength=self.strength(items[0]), **self.inputs(items))
 
 
 class InpaintEngine(Image2ImageEngine):

@@ -282,3 +282,24 @@ def split(images: list[Image.Image], counts: list[int]) -> list[list[Image.Image
         out.append(images[start:start + count])
         start += count
     return out
+
+
+def call_sdxl(engine: DiffusersEngine, items: list[StageItem],
+              **inputs: Any) -> list[list[Image.Image]]:
+    """One SDXL-family pipeline call for ``items`` (n images each), plus per-kind ``inputs``.
+
+    Callers group items so that negative prompts are all present or all absent: SDXL encodes
+    a missing negative prompt as zeros and ``""`` as text.
+    """
+    first = items[0]
+    negative = (None if first.negative_prompt is None
+                else [it.negative_prompt or "" for it in items for _ in range(it.n)])
+    result = engine.pipe(
+        prompt=[it.prompt for it in items for _ in range(it.n)],
+        negative_prompt=negative,
+        num_inference_steps=engine.steps(first), guidance_scale=engine.guidance(first),
+        generator=[g for it in items for g in generators(it.seed, it.n)],
+        callback_on_step_end=step_end_callback(items),
+        **inputs,
+    )
+    return split(result.images, [it.n for it in items])

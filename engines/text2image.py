@@ -12,7 +12,7 @@ from diffusers import AutoPipelineForText2Image, StableDiffusionXLPipeline
 from PIL import Image
 
 from engines.base import StageItem
-from engines.pipelines import DiffusersEngine, generators, split, step_end_callback
+from engines.pipelines import DiffusersEngine, call_sdxl
 
 
 class Text2ImageEngine(DiffusersEngine):
@@ -27,15 +27,4 @@ class Text2ImageEngine(DiffusersEngine):
         return (super().group_key(item), item.width, item.height, item.negative_prompt is None)
 
     def call(self, items: list[StageItem]) -> list[list[Image.Image]]:
-        first = items[0]
-        negative = (None if first.negative_prompt is None
-                    else [it.negative_prompt or "" for it in items for _ in range(it.n)])
-        result = self.pipe(
-            prompt=[it.prompt for it in items for _ in range(it.n)],
-            negative_prompt=negative,
-            width=first.width, height=first.height,
-            num_inference_steps=self.steps(first), guidance_scale=self.guidance(first),
-            generator=[g for it in items for g in generators(it.seed, it.n)],
-            callback_on_step_end=step_end_callback(items),
-        )
-        return split(result.images, [it.n for it in items])
+        return call_sdxl(self, items, width=items[0].width, height=items[0].height)
