@@ -37,9 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.burst_report import analyse, summary_line  # noqa: E402
 from bench.common import BENCH, write_result  # noqa: E402
-from controlplane.embedded_redis import EmbeddedRedis  # noqa: E402
-from controlplane.serve import stop_process  # noqa: E402
-from router import keys  # noqa: E402
+from controlplane import keys
+from laneway.embedded_redis import EmbeddedRedis
+from laneway.serve import stop_process
 from tests.service import Service  # noqa: E402
 
 #: engine name -> number of devices serving it; the same 14 devices for both policies
@@ -140,7 +140,7 @@ class Cluster:
             for _ in range(count):
                 log = (self.home / f"worker-sim{index}.log").open("ab")
                 self.workers.append(subprocess.Popen(
-                    [sys.executable, "-m", "controlplane.cli", "worker", "--engines", engine,
+                    [sys.executable, "-m", "laneway.cli", "worker", "--engines", engine,
                      "--device", f"sim{index}"], env=env, stdout=log, stderr=subprocess.STDOUT))
                 index += 1
         self._wait_for_workers(url, index)

@@ -23,7 +23,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import BENCH, median, percentile, write_result  # noqa: E402
-from engines.registry import Registry  # noqa: E402
+from controlplane.registry import Registry
 from engines.tiny_models import make_tiny  # noqa: E402
 from tests.service import Service  # noqa: E402
 

@@ -23,10 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import write_result  # noqa: E402
 from controlplane.policy import EngineSpec  # noqa: E402
+from controlplane.registry import Registry
 from engines.base import LoraRef  # noqa: E402
 from engines.factory import build_engine  # noqa: E402
 from engines.pipelines import DiffusersEngine  # noqa: E402
-from engines.registry import Registry  # noqa: E402
 from engines.tiny_models import make_tiny  # noqa: E402
 
 SAMPLES = 30

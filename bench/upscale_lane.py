@@ -30,8 +30,8 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import write_result  # noqa: E402
+from controlplane.registry import Registry
 from engines.pipelines import quiet  # noqa: E402
-from engines.registry import Registry  # noqa: E402
 from engines.tiny_models import make_tiny  # noqa: E402
 from tests.service import Service, WorkerProcess  # noqa: E402
 

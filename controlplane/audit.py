@@ -18,8 +18,8 @@ import redis.asyncio as aioredis
 from pydantic import BaseModel, Field
 from redis.asyncio.client import Pipeline
 
-from router import keys
-from router.jobs import utc_now
+from controlplane import keys
+from controlplane.jobs import utc_now
 
 #: entries kept; older ones are trimmed
 AUDIT_KEPT = 10_000

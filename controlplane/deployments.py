@@ -13,7 +13,7 @@ import redis.asyncio as aioredis
 from pydantic import BaseModel, Field
 from redis.asyncio.client import Pipeline
 
-from router import keys
+from controlplane import keys
 
 
 def put_in(pipe: Pipeline, deployment: Deployment) -> None:

@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
 
+from controlplane import keys
 from controlplane.deployments import Deployment, DeploymentStore
 from controlplane.policy import Policy
 from controlplane.policy_store import PolicyStore
-from router import keys
-from router.pubsub import follow
+from controlplane.pubsub import follow
 
 log = logging.getLogger(__name__)
 

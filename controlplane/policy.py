@@ -15,7 +15,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from router.errors import FieldError
+from controlplane.errors import FieldError
 
 
 class Strict(BaseModel):

@@ -13,11 +13,11 @@ import redis.asyncio as aioredis
 
 from controlplane import audit
 from controlplane.deployments import DeploymentStore
+from controlplane.errors import Conflict, NotFound, PolicyError
 from controlplane.policy import Policy, check_models
 from controlplane.policy_loader import parse_policy
 from controlplane.policy_store import PolicyStore
-from engines.registry import Registry
-from router.errors import Conflict, NotFound, PolicyError
+from controlplane.registry import Registry
 
 
 @dataclass(frozen=True)

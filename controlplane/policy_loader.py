@@ -8,8 +8,8 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from controlplane.errors import FieldError, PolicyError
 from controlplane.policy import Policy, check_references
-from router.errors import FieldError, PolicyError
 
 LinePath = tuple[str | int, ...]
 

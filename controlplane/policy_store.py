@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
+from controlplane import keys
+from controlplane.jobs import utc_now
 from controlplane.policy import Policy
-from router import keys
-from router.jobs import utc_now
 
 
 @dataclass(frozen=True)

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import redis.asyncio as aioredis
 
+from controlplane.errors import PolicyError
 from controlplane.policy_changes import PolicyApplied, apply_policy_text
+from controlplane.registry import Registry
 from controlplane.signals import on_stop_signals
-from engines.registry import Registry
-from router.errors import PolicyError
 
 log = logging.getLogger("laneway.policy-watch")
 

@@ -15,12 +15,12 @@ import time
 
 import redis.asyncio as aioredis
 
+from controlplane import keys
+from controlplane.errors import Conflict
+from controlplane.leases import Lease
 from controlplane.rollout_analysis import Outcome, analyse_rollout
 from controlplane.rollouts import Phase, Rollout, RolloutStore, apply_transition
 from controlplane.signals import on_stop_signals
-from router import keys
-from router.errors import Conflict
-from router.leases import Lease
 
 log = logging.getLogger("laneway.controller")
 
@@ -106,7 +106,7 @@ class Controller:
 
 async def run_controller(redis_url: str) -> None:
     """Run the loop until SIGTERM/SIGINT."""
-    from router.telemetry import setup_tracing, shutdown_tracing
+    from controlplane.telemetry import setup_tracing, shutdown_tracing
 
     setup_tracing("laneway-controller")
     stop = asyncio.Event()

@@ -13,12 +13,11 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
-from controlplane import audit, stable_history
+from controlplane import audit, keys, stable_history
 from controlplane.deployments import Deployment, put_in
+from controlplane.errors import Conflict, NotFound, ValidationFailed
 from controlplane.rollouts import Phase, RolloutStore, apply_transition
-from router import keys
-from router.errors import Conflict, NotFound, ValidationFailed
-from router.telemetry import tracer
+from controlplane.telemetry import tracer
 
 _tracer = tracer("laneway.controlplane")
 

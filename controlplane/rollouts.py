@@ -22,13 +22,12 @@ import redis.asyncio as aioredis
 from opentelemetry.trace import Status, StatusCode
 from pydantic import BaseModel, ConfigDict, Field
 
-from controlplane import audit, stable_history
+from controlplane import audit, keys, stable_history
 from controlplane.deployments import Deployment, put_in
+from controlplane.errors import Conflict, NotFound, ValidationFailed
+from controlplane.jobs import utc_now
+from controlplane.telemetry import tracer
 from controlplane.version_stats import read_stats
-from router import keys
-from router.errors import Conflict, NotFound, ValidationFailed
-from router.jobs import utc_now
-from router.telemetry import tracer
 
 _tracer = tracer("laneway.controlplane")
 

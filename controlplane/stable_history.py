@@ -7,8 +7,8 @@ import json
 import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
 
-from router import keys
-from router.jobs import utc_now
+from controlplane import keys
+from controlplane.jobs import utc_now
 
 
 def push_in(pipe: Pipeline, model: str, version: str, *, reason: str) -> None:

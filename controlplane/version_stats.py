@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
 
-from router import keys
-from router.jobs import StageRecord
+from controlplane import keys
+from controlplane.jobs import StageRecord
 
 RUN_TIMES_KEPT = 2000
 

@@ -18,9 +18,9 @@ from typing import Any
 
 import transformers
 
+from controlplane.errors import RegistryError
+from controlplane.registry import Registry
 from engines.base import LoraRef
-from engines.registry import Registry
-from router.errors import RegistryError
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 

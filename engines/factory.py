@@ -11,10 +11,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from controlplane.policy import EngineKind, EngineSpec
+from controlplane.registry import Registry
 from engines.base import Engine
 from engines.image2image import Image2ImageEngine, InpaintEngine
 from engines.openai_images import build_openai_images
-from engines.registry import Registry
 from engines.resize import ResizeEngine
 from engines.sim import SimEngine
 from engines.text2image import Text2ImageEngine

@@ -18,9 +18,9 @@ from diffusers import (
 )
 from PIL import Image
 
+from controlplane.errors import StageFailed
 from engines.base import StageItem
 from engines.pipelines import DiffusersEngine, call_sdxl
-from router.errors import StageFailed
 
 
 class Image2ImageEngine(DiffusersEngine):

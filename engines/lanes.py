@@ -14,8 +14,8 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from router import keys
-from router.queue import StageMessage
+from controlplane import keys
+from controlplane.stage_messages import StageMessage
 
 WAIT_BLOCK_MS = 1000
 

@@ -39,14 +39,14 @@ from tenacity import (
     wait_random_exponential,
 )
 
+from controlplane import keys
+from controlplane.circuit import CircuitBreaker
+from controlplane.errors import EngineUnavailable, InternalError, RetryableError, StageFailed
 from controlplane.policy import EngineSpec
+from controlplane.registry import Registry
 from controlplane.settings import Settings
+from controlplane.telemetry import tracer
 from engines.base import Engine, StageItem
-from engines.circuit import CircuitBreaker
-from engines.registry import Registry
-from router import keys
-from router.errors import EngineUnavailable, InternalError, RetryableError, StageFailed
-from router.telemetry import tracer
 
 _tracer = tracer("laneway.engines.openai_images")
 

@@ -24,11 +24,11 @@ import torch
 import transformers
 from PIL import Image
 
+from controlplane.errors import RegistryError, StageFailed, ValidationFailed
 from controlplane.policy import EngineSpec
+from controlplane.registry import ModelKind, Registry
 from engines.adapters import LORA_WEIGHT_NAME, AdapterCache, lora_path
 from engines.base import Engine, StageItem
-from engines.registry import ModelKind, Registry
-from router.errors import RegistryError, StageFailed, ValidationFailed
 
 #: A diffusers pipeline. LoRA methods and components come from per-family mixins that
 #: ``DiffusionPipeline`` does not declare, so pipelines are typed loosely.

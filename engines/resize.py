@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from PIL import Image
 
+from controlplane.errors import StageFailed
 from controlplane.policy import EngineSpec
 from engines.base import Engine, StageItem
-from router.errors import StageFailed
 
 
 class ResizeEngine(Engine):

@@ -14,12 +14,12 @@ from collections.abc import Callable
 import redis.asyncio as aioredis
 from PIL import Image
 
+from controlplane import keys, route_counters
+from controlplane.jobs import ImageRef, Job, JobStatus, StageRecord, StageStatus, utc_now
+from controlplane.metrics_store import record_job_outcome, record_spend, record_stage_times
+from controlplane.stage_messages import add_event, enqueue_stage
 from controlplane.version_stats import record_stage
 from engines.lanes import Entry
-from router import keys, route_counters
-from router.jobs import ImageRef, Job, JobStatus, StageRecord, StageStatus, utc_now
-from router.metrics_store import record_job_outcome, record_spend, record_stage_times
-from router.queue import add_event, enqueue_stage
 
 Change = Callable[[Job], list[int]]
 """Mutates the job; returns the stage indexes to queue in the same transaction."""

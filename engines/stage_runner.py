@@ -23,27 +23,28 @@ from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 from PIL import Image
 from redis.asyncio.client import Pipeline
 
-from controlplane.live_config import LiveConfig
-from controlplane.policy import EngineKind, EngineSpec, Policy
-from controlplane.policy_store import PolicyStore
-from engines.artifacts import ArtifactStore
-from engines.base import Engine, StageItem, StepCallback
-from engines.circuit import is_open
-from engines.factory import build_engine
-from engines.lanes import Entry
-from engines.registry import Registry
-from engines.stage_inputs import build_item, stage_steps
-from engines.stage_outcomes import Outcomes, describe
-from router.errors import (
+from controlplane.artifacts import ArtifactStore
+from controlplane.circuit import is_open
+from controlplane.errors import (
     EngineUnavailable,
     JobCancelled,
     StageStopped,
     StageTimeout,
     WorkerDraining,
 )
-from router.jobs import Job, JobStatus, JobStore, StageStatus, now_ms, utc_now
-from router.queue import add_event
-from router.telemetry import context_from, tracer
+from controlplane.jobs import Job, JobStatus, JobStore, StageStatus, now_ms, utc_now
+from controlplane.live_config import LiveConfig
+from controlplane.policy import EngineKind, EngineSpec, Policy
+from controlplane.policy_store import PolicyStore
+from controlplane.registry import Registry
+from controlplane.stage_messages import add_event
+from controlplane.stage_sizes import stage_steps
+from controlplane.telemetry import context_from, tracer
+from engines.base import Engine, StageItem, StepCallback
+from engines.factory import build_engine
+from engines.lanes import Entry
+from engines.stage_inputs import build_item
+from engines.stage_outcomes import Outcomes, describe
 
 log = logging.getLogger(__name__)
 _tracer = tracer("laneway.worker")

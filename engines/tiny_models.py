@@ -39,9 +39,9 @@ from transformers import (
     CLIPTokenizer,
 )
 
+from controlplane.registry import Manifest, ModelKind, Registry
 from engines.adapters import LORA_WEIGHT_NAME
 from engines.pipelines import Pipeline, quiet
-from engines.registry import Manifest, ModelKind, Registry
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 

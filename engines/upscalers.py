@@ -16,9 +16,9 @@ import torch
 from diffusers import StableDiffusionLatentUpscalePipeline, StableDiffusionUpscalePipeline
 from PIL import Image
 
+from controlplane.errors import StageFailed
 from engines.base import StageItem
 from engines.pipelines import DiffusersEngine, generators, split
-from router.errors import StageFailed
 
 
 def _step_callback(items: list[StageItem], steps: int) -> Callable[[int, Any, torch.Tensor], None]:

@@ -25,17 +25,17 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
+from controlplane import keys
+from controlplane.artifacts import ArtifactStore
+from controlplane.jobs import JobStore
 from controlplane.live_config import LiveConfig
 from controlplane.policy import DIFFUSERS_KINDS, EngineKind, EngineSpec, Policy
-from engines.artifacts import ArtifactStore
+from controlplane.pubsub import follow
+from controlplane.registry import Registry
 from engines.batching import fill_batch
 from engines.lanes import Entry, LaneReader
-from engines.registry import Registry
 from engines.stage_outcomes import Outcomes
 from engines.stage_runner import RunnerContext, Slot, StageRunner
-from router import keys
-from router.jobs import JobStore
-from router.pubsub import follow
 
 log = logging.getLogger(__name__)
 

@@ -9,12 +9,12 @@ import os
 import redis.asyncio as aioredis
 import torch
 
+from controlplane.artifacts import ArtifactStore
+from controlplane.registry import Registry
 from controlplane.settings import Settings
 from controlplane.signals import on_stop_signals
-from engines.artifacts import ArtifactStore
-from engines.registry import Registry
+from controlplane.telemetry import setup_tracing, shutdown_tracing
 from engines.worker import Worker, WorkerOptions
-from router.telemetry import setup_tracing, shutdown_tracing
 
 
 def worker_name(settings: Settings, device: str) -> str:

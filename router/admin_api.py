@@ -23,9 +23,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from controlplane import audit
 from controlplane.deployments import DeploymentStore
+from controlplane.errors import Forbidden, RegistryError, Unauthorized, ValidationFailed
 from controlplane.policy import Policy
 from controlplane.policy_changes import apply_policy_text, rollback_policy
 from controlplane.policy_store import PolicyStore
+from controlplane.registry import MANIFEST_NAME, ModelKind, Registry
 from controlplane.rollback import rollback_model
 from controlplane.rollouts import (
     DEFAULT_INTERVAL_S,
@@ -38,9 +40,7 @@ from controlplane.rollouts import (
     apply_transition,
     start_rollout,
 )
-from engines.registry import MANIFEST_NAME, ModelKind, Registry
 from router.api import ApiState, provide_api
-from router.errors import Forbidden, RegistryError, Unauthorized, ValidationFailed
 
 TOKEN_NAME = "admin"
 ACTOR_HEADER = "x-laneway-actor"

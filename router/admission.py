@@ -28,10 +28,10 @@ from enum import StrEnum
 import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
 
+from controlplane import keys
+from controlplane.errors import AdmissionRefused
 from controlplane.policy import OnFull, Policy, Route
-from router import keys
-from router.errors import AdmissionRefused
-from router.route_counters import DRAIN_WINDOW_S
+from controlplane.route_counters import DRAIN_WINDOW_S
 
 RETRY_AFTER_MIN_S = 1
 RETRY_AFTER_MAX_S = 300

@@ -17,13 +17,13 @@ from litestar.params import Parameter
 from litestar.response import File, ServerSentEvent, ServerSentEventMessage
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from controlplane.artifacts import ArtifactStore
+from controlplane.errors import NotFound, ValidationFailed
+from controlplane.jobs import Job, JobStore
 from controlplane.live_config import LiveConfig
 from controlplane.settings import Settings
-from engines.artifacts import ArtifactStore
 from router.cancel import cancel_job
-from router.errors import NotFound, ValidationFailed
 from router.job_events import job_event_messages
-from router.jobs import Job, JobStore
 from router.metrics import render_metrics
 from router.requests import ImageRequest
 from router.status import live_workers, status_body

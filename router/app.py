@@ -12,18 +12,18 @@ from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi import OpenAPIConfig
 from litestar.plugins.opentelemetry import OpenTelemetryConfig, OpenTelemetryPlugin
 
+from controlplane.artifacts import ArtifactStore
+from controlplane.errors import AdmissionRefused, LanewayError
+from controlplane.jobs import JobStore
 from controlplane.live_config import LiveConfig
+from controlplane.registry import Registry
 from controlplane.settings import Settings
-from engines.artifacts import ArtifactStore
-from engines.registry import Registry
+from controlplane.telemetry import setup_tracing, shutdown_tracing
 from router.admin_api import AdminController
 from router.api import ApiState, JobsController, SystemController
 from router.deferral import DeferralDispatcher
-from router.errors import AdmissionRefused, LanewayError
-from router.jobs import JobStore
 from router.openai_compat import OpenAIImagesController
 from router.submit import Submitter
-from router.telemetry import setup_tracing, shutdown_tracing
 from router.waiters import JobWaiters
 
 log = logging.getLogger(__name__)

@@ -16,11 +16,11 @@ import logging
 
 import redis.asyncio as aioredis
 
-from router import keys, route_counters
-from router.errors import NotFound
-from router.jobs import Job, JobStatus, StageStatus, utc_now
-from router.metrics_store import record_job_outcome
-from router.queue import add_event
+from controlplane import keys, route_counters
+from controlplane.errors import NotFound
+from controlplane.jobs import Job, JobStatus, StageStatus, utc_now
+from controlplane.metrics_store import record_job_outcome
+from controlplane.stage_messages import add_event
 
 log = logging.getLogger(__name__)
 

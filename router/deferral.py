@@ -20,12 +20,12 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from controlplane import keys
+from controlplane.jobs import Job
+from controlplane.leases import Lease
 from controlplane.live_config import LiveConfig
 from controlplane.policy import Policy
-from router import keys
-from router.jobs import Job
-from router.leases import Lease
-from router.queue import add_event, enqueue_stage
+from controlplane.stage_messages import add_event, enqueue_stage
 
 log = logging.getLogger(__name__)
 

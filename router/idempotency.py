@@ -19,9 +19,9 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
 
-from router import keys
-from router.errors import Conflict, NotFound, ValidationFailed
-from router.jobs import Job, JobStore
+from controlplane import keys
+from controlplane.errors import Conflict, NotFound, ValidationFailed
+from controlplane.jobs import Job, JobStore
 
 MAX_KEY_CHARS = 255
 #: a claim whose accept never committed (a crashed process) frees the key after this

@@ -9,7 +9,7 @@ import warnings
 
 from PIL import Image
 
-from router.errors import FieldError
+from controlplane.errors import FieldError
 
 ALLOWED_FORMATS = frozenset({"PNG", "JPEG"})
 

@@ -19,8 +19,8 @@ from typing import Any
 import redis.asyncio as aioredis
 from litestar.response import ServerSentEventMessage
 
-from router import keys
-from router.jobs import JobStore
+from controlplane import keys
+from controlplane.jobs import JobStore
 
 FINAL_EVENTS = frozenset({"completed", "failed", "cancelled"})
 #: below the client's 5 s default socket timeout (redis-py 8), which a longer BLOCK trips

@@ -21,9 +21,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
+from controlplane import keys
+from controlplane.metrics_store import BUCKETS_MS
 from controlplane.policy import Policy
-from router import keys
-from router.metrics_store import BUCKETS_MS
 from router.status import lane_stats, live_workers, worker_slots
 
 _STAGE_HISTOGRAMS = {"run": ("laneway_stage_run_seconds", "Engine run time of a stage"),

@@ -27,10 +27,10 @@ from litestar.exceptions import HTTPException, ValidationException
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic import ValidationError as PydanticValidationError
 
+from controlplane.errors import AdmissionRefused, LanewayError, ValidationFailed
+from controlplane.jobs import Job, JobStatus
 from controlplane.policy import Intent
 from router.api import ApiState, AuthorizationHeader, provide_api
-from router.errors import AdmissionRefused, LanewayError, ValidationFailed
-from router.jobs import Job, JobStatus
 from router.requests import ImageRequest
 from router.tenants import authenticate
 

@@ -7,8 +7,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from controlplane.errors import FieldError, ValidationFailed
 from controlplane.policy import Intent, Mode, Policy
-from router.errors import FieldError, ValidationFailed
 
 _QUOTED = re.compile(r'"([^"]+)"|“([^”]+)”')
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from controlplane.errors import NoEngine
 from controlplane.policy import Intent, Match, Mode, Policy, Route
-from router.errors import NoEngine
 
 
 @dataclass(frozen=True)

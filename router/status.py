@@ -13,10 +13,10 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from controlplane import keys
 from controlplane.live_config import Snapshot
 from controlplane.policy import Policy
 from controlplane.rollouts import RolloutStore
-from router import keys
 
 WORKER_STALE_S = 10.0
 

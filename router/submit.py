@@ -14,21 +14,29 @@ import redis.asyncio as aioredis
 from opentelemetry.trace import Status, StatusCode
 from PIL import Image
 
+from controlplane import keys, route_counters
+from controlplane.artifacts import ArtifactStore
+from controlplane.circuit import is_open
+from controlplane.errors import FieldError, LanewayError, NoEngine, ValidationFailed
+from controlplane.jobs import (
+    Job,
+    JobRequest,
+    JobStore,
+    LoraRequest,
+    StageRecord,
+    StageStatus,
+    now_ms,
+)
 from controlplane.live_config import LiveConfig, Snapshot
 from controlplane.policy import EngineKind, Mode, Policy, Route, Stage
-from engines.artifacts import ArtifactStore
-from engines.circuit import is_open
-from engines.registry import Registry
-from router import keys, route_counters
+from controlplane.registry import Registry
+from controlplane.stage_messages import add_event, enqueue_stage
+from controlplane.telemetry import current_carrier, current_trace_id, tracer
 from router.admission import AdmissionControl, Admitted, record_outcome
-from router.errors import FieldError, LanewayError, NoEngine, ValidationFailed
 from router.idempotency import IdempotencyKeys, check_key
 from router.image_input import decode_image
-from router.jobs import Job, JobRequest, JobStore, LoraRequest, StageRecord, StageStatus, now_ms
-from router.queue import add_event, enqueue_stage
 from router.requests import ImageRequest, check_against_policy, raise_if_any
 from router.routing import RequestFacts, choose_route
-from router.telemetry import current_carrier, current_trace_id, tracer
 from router.tenants import DEFAULT_TENANT, check_tier
 
 _tracer = tracer("laneway.router")

@@ -14,8 +14,8 @@ import hmac
 import os
 from collections.abc import Mapping
 
+from controlplane.errors import Forbidden, Unauthorized
 from controlplane.policy import Policy
-from router.errors import Forbidden, Unauthorized
 
 DEFAULT_TENANT = "default"
 

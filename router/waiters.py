@@ -12,9 +12,9 @@ import logging
 
 import redis.asyncio as aioredis
 
-from router import keys
-from router.jobs import Job
-from router.pubsub import follow
+from controlplane import keys
+from controlplane.jobs import Job
+from controlplane.pubsub import follow
 
 log = logging.getLogger(__name__)
 

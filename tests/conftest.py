@@ -9,9 +9,9 @@ import pytest
 import redis
 import torch
 
-from controlplane.embedded_redis import EmbeddedRedis
-from engines.registry import Registry
+from controlplane.registry import Registry
 from engines.tiny_models import make_tiny
+from laneway.embedded_redis import EmbeddedRedis
 from tests.span_collector import SpanCollector
 
 torch.set_num_threads(1)

@@ -82,7 +82,7 @@ class Service:
         self.log_path = self.home / f"serve-{self.port}.log"
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "controlplane.cli", "serve", "--policy", str(self.policy),
+            [sys.executable, "-m", "laneway.cli", "serve", "--policy", str(self.policy),
              "--port", str(self.port), *self.extra_args],
             env=self.env(), stdout=log, stderr=subprocess.STDOUT,
         )
@@ -147,7 +147,7 @@ class WorkerProcess:
                     **self.extra_env})
         log = (self.service.home / "workers.log").open("ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "controlplane.cli", "worker", "--engines", self.engines],
+            [sys.executable, "-m", "laneway.cli", "worker", "--engines", self.engines],
             env=env, stdout=log, stderr=subprocess.STDOUT)
         return self
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engines.registry import Registry
+from controlplane.registry import Registry
 from tests.conftest import REPO
 from tests.service import Service
 

@@ -21,9 +21,9 @@ import redis
 import redis.asyncio as aioredis
 from PIL import Image
 
-from engines.circuit import CircuitState, CircuitStatus, is_open
-from engines.registry import Registry
-from router import keys
+from controlplane import keys
+from controlplane.circuit import CircuitState, CircuitStatus, is_open
+from controlplane.registry import Registry
 from tests.conftest import POLICIES
 from tests.provider import Provider, Reply
 from tests.service import Service, bundled_redis_url

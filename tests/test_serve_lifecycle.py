@@ -65,7 +65,7 @@ def test_fresh_start_crash_and_clean_stop(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("bogus", [{"pid": 999999, "port": 1}, "not json"])
 def test_a_stale_state_file_does_not_block_the_start(tmp_path: Path, bogus: object) -> None:
-    from controlplane.embedded_redis import EmbeddedRedis
+    from laneway.embedded_redis import EmbeddedRedis
 
     data = tmp_path / "valkey"
     data.mkdir()

@@ -11,7 +11,7 @@ from io import BytesIO
 import pytest
 from PIL import Image
 
-from engines.registry import Registry
+from controlplane.registry import Registry
 from tests.conftest import POLICIES
 from tests.service import Service
 from tests.span_collector import SpanCollector

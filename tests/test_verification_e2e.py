@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 import redis
 
-from controlplane.embedded_redis import EmbeddedRedis
-from engines.registry import Registry
-from router import keys
+from controlplane import keys
+from controlplane.registry import Registry
+from laneway.embedded_redis import EmbeddedRedis
 from tests.conftest import POLICIES
 from tests.service import Service
 from verifier.outcome import REGENERATE_SEED_STEP

@@ -16,8 +16,8 @@ import pytest
 import redis
 from PIL import Image
 
-from engines.registry import Registry
-from router import keys
+from controlplane import keys
+from controlplane.registry import Registry
 from tests.conftest import POLICIES
 from tests.service import Service, WorkerProcess, bundled_redis_url
 from tests.span_collector import SpanCollector

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from controlplane.jobs import Job, JobStatus, StageRecord, StageStatus, now_ms, utc_now
 from controlplane.policy import OnFail, Verify
-from router.jobs import Job, JobStatus, StageRecord, StageStatus, now_ms, utc_now
 from verifier.verdict import Action, Verification, VerificationStatus
 
 #: seed offset between generation attempts (a prime, so attempts' seeds for the n images of

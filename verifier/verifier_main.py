@@ -9,10 +9,10 @@ import os
 
 import redis.asyncio as aioredis
 
+from controlplane.artifacts import ArtifactStore
 from controlplane.settings import Settings
 from controlplane.signals import on_stop_signals
-from engines.artifacts import ArtifactStore
-from router.telemetry import setup_tracing, shutdown_tracing
+from controlplane.telemetry import setup_tracing, shutdown_tracing
 from verifier.worker import Verifier, VerifierOptions
 
 

@@ -25,16 +25,16 @@ from opentelemetry.trace import SpanKind
 from PIL import Image
 from redis.asyncio.client import Pipeline
 
+from controlplane import keys, route_counters
+from controlplane.artifacts import ArtifactStore
+from controlplane.errors import NotFound
+from controlplane.jobs import Job, JobStatus, JobStore
 from controlplane.policy import Policy, Route, Verify
 from controlplane.policy_store import PolicyStore
+from controlplane.stage_messages import add_event, enqueue_stage
+from controlplane.stage_sizes import stage_size
+from controlplane.telemetry import context_from, tracer
 from controlplane.version_stats import record_verdict
-from engines.artifacts import ArtifactStore
-from engines.stage_inputs import stage_size
-from router import keys, route_counters
-from router.errors import NotFound
-from router.jobs import Job, JobStatus, JobStore
-from router.queue import add_event, enqueue_stage
-from router.telemetry import context_from, tracer
 from verifier.checks import check_image
 from verifier.outcome import (
     attempt_record,

@@ -5,11 +5,11 @@ from __future__ import annotations
 import redis.asyncio as aioredis
 
 from controlplane.deployments import Deployment, DeploymentStore
+from controlplane.jobs import StageRecord, StageStatus
 from controlplane.policy import Policy
 from controlplane.policy_loader import parse_policy
 from controlplane.policy_store import PolicyStore
 from controlplane.version_stats import record_stage
-from router.jobs import StageRecord, StageStatus
 
 MODEL = "tiny-sdxl"
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from engines.registry import Registry
+from controlplane.registry import Registry
 from tests.controlplane.rollout_fixtures import MODEL, POLICY_YAML, policy
 from tests.service import Service
 
@@ -40,7 +40,7 @@ def service(tiny_registry: Registry, tmp_path_factory: pytest.TempPathFactory
 
 def cli(service: Service, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**service.env(), "LANEWAY_URL": service.url, "LANEWAY_ADMIN_TOKEN": TOKEN}
-    return subprocess.run([sys.executable, "-m", "controlplane.cli", *args], env=env,
+    return subprocess.run([sys.executable, "-m", "laneway.cli", *args], env=env,
                           capture_output=True, text=True, timeout=60)
 
 
@@ -83,7 +83,7 @@ def test_admin_endpoints_refuse_requests_without_the_token(service: Service) -> 
                             headers={"Authorization": "Bearer guess"})
         assert wrong.status_code == 403 and wrong.json()["error"]["code"] == "forbidden"
     env = {k: v for k, v in service.env().items() if k != "LANEWAY_ADMIN_TOKEN"}
-    done = subprocess.run([sys.executable, "-m", "controlplane.cli", "audit"],
+    done = subprocess.run([sys.executable, "-m", "laneway.cli", "audit"],
                           env={**env, "LANEWAY_URL": service.url},
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 1 and "401" in done.stderr
@@ -107,7 +107,7 @@ def test_the_registry_refuses_tampered_and_pickled_folders(
     assert not (service.registry / MODEL / "9").exists()
 
     unreachable = subprocess.run(
-        [sys.executable, "-m", "controlplane.cli", "models", "list"],
+        [sys.executable, "-m", "laneway.cli", "models", "list"],
         env={**service.env(), "LANEWAY_URL": "http://127.0.0.1:9"}, capture_output=True,
         text=True, timeout=60)
     assert unreachable.returncode == 3

@@ -9,11 +9,11 @@ import pytest
 import redis.asyncio as aioredis
 
 from controlplane import audit
+from controlplane.errors import PolicyError
 from controlplane.policy_changes import apply_policy_text, rollback_policy
 from controlplane.policy_store import PolicyStore
 from controlplane.policy_watch import PolicyWatcher
-from engines.registry import Registry
-from router.errors import PolicyError
+from controlplane.registry import Registry
 from tests.controlplane.rollout_fixtures import POLICY_YAML, policy
 
 

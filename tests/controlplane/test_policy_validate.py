@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from controlplane.errors import PolicyError
 from controlplane.policy_loader import parse_policy
-from router.errors import PolicyError
 from tests.conftest import REPO
 
 TINY = (REPO / "policies" / "tiny.yaml").read_text()
@@ -18,7 +18,7 @@ TINY = (REPO / "policies" / "tiny.yaml").read_text()
 def validate(tmp_path: Path, text: str) -> subprocess.CompletedProcess[str]:
     path = tmp_path / "policy.yaml"
     path.write_text(text)
-    return subprocess.run([sys.executable, "-m", "controlplane.cli", "policy", "validate",
+    return subprocess.run([sys.executable, "-m", "laneway.cli", "policy", "validate",
                            str(path)], capture_output=True, text=True, timeout=60)
 
 

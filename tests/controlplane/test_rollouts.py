@@ -9,14 +9,14 @@ import pytest
 import redis.asyncio as aioredis
 
 from controlplane import audit
+from controlplane.artifacts import ArtifactStore
 from controlplane.deployments import DeploymentStore
+from controlplane.errors import Conflict, ValidationFailed
+from controlplane.jobs import JobStore
 from controlplane.live_config import LiveConfig
 from controlplane.reconcile import Controller
 from controlplane.rollback import rollback_model
 from controlplane.rollouts import Phase, RolloutStore, apply_transition, start_rollout
-from engines.artifacts import ArtifactStore
-from router.errors import Conflict, ValidationFailed
-from router.jobs import JobStore
 from router.requests import ImageRequest
 from router.submit import Submitter
 from tests.controlplane.rollout_fixtures import MODEL, deployed, record

@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 
 from controlplane.policy import EngineSpec
+from controlplane.registry import Registry
 from engines.base import Engine
 from engines.factory import build_engine
-from engines.registry import Registry
 from engines.tiny_models import make_tiny
 
 torch.set_num_threads(1)

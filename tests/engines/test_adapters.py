@@ -2,9 +2,9 @@ from __future__ import annotations
 
 import pytest
 
+from controlplane.errors import RegistryError
 from engines.base import LoraRef, StageItem
 from engines.pipelines import DiffusersEngine
-from router.errors import RegistryError
 from tests.engines.conftest import EngineMaker, max_diff, same
 
 A = LoraRef("tiny-lora-a", "1")

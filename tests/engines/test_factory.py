@@ -5,6 +5,7 @@ import threading
 import pytest
 import torch
 
+from controlplane.errors import RegistryError, ValidationFailed
 from controlplane.policy import EngineKind
 from engines.base import StageItem
 from engines.factory import BUILDERS
@@ -13,7 +14,6 @@ from engines.resize import ResizeEngine
 from engines.sim import SimEngine
 from engines.text2image import Text2ImageEngine
 from engines.upscalers import LatentUpscaleEngine, X4UpscaleEngine
-from router.errors import RegistryError, ValidationFailed
 from tests.engines.conftest import EngineMaker
 
 

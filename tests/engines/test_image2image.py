@@ -3,9 +3,9 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
+from controlplane.errors import StageFailed
 from engines.base import StageItem
 from engines.pipelines import DiffusersEngine
-from router.errors import StageFailed
 from tests.engines.conftest import EngineMaker, max_diff, same
 
 

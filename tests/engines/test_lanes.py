@@ -8,9 +8,9 @@ from collections import Counter
 
 import redis.asyncio as aioredis
 
+from controlplane import keys
+from controlplane.stage_messages import StageMessage
 from engines.lanes import LaneReader, WeightedTiers
-from router import keys
-from router.queue import StageMessage
 
 
 def test_turns_follow_weights_while_both_tiers_wait() -> None:

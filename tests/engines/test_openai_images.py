@@ -14,13 +14,13 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
+from controlplane.circuit import is_open
+from controlplane.errors import EngineUnavailable, StageFailed
 from controlplane.policy import EngineSpec
+from controlplane.registry import Registry
 from engines.base import StageItem
-from engines.circuit import is_open
 from engines.factory import build_engine
 from engines.openai_images import OpenAIImagesEngine
-from engines.registry import Registry
-from router.errors import EngineUnavailable, StageFailed
 from tests.engines.test_circuit import Clock
 from tests.provider import Provider, Reply
 

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from engines.registry import Registry
+from controlplane.registry import Registry
 from engines.tiny_models import make_tiny
 
 

@@ -18,12 +18,12 @@ import pytest
 import redis.asyncio as aioredis
 import uvicorn
 
+from controlplane.artifacts import ArtifactStore
 from controlplane.policy import Policy
-from controlplane.serve import publish_policy
+from controlplane.registry import Registry
 from controlplane.settings import Settings
-from engines.artifacts import ArtifactStore
-from engines.registry import Registry
 from engines.worker import Worker, WorkerOptions
+from laneway.serve import publish_policy
 from router.app import create_app
 from tests.service import free_port
 

@@ -7,12 +7,12 @@ import time
 import pytest
 import redis.asyncio as aioredis
 
+from controlplane import keys
 from controlplane.policy import Policy, Tenant
 from controlplane.policy_loader import load_policy
-from router import keys
+from controlplane.route_counters import DRAIN_WINDOW_S
 from router.admission import RETRY_AFTER_MAX_S, retry_after_s
 from router.deferral import DeferralDispatcher
-from router.route_counters import DRAIN_WINDOW_S
 from tests.conftest import POLICIES
 from tests.router.conftest import RouterFactory
 

@@ -7,9 +7,9 @@ import asyncio
 import pytest
 from redis.asyncio.client import PubSub
 
+from controlplane import keys
 from controlplane.policy import Policy
 from controlplane.policy_loader import load_policy
-from router import keys
 from tests.conftest import POLICIES
 from tests.router.conftest import Router, RouterFactory
 

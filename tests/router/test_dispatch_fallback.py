@@ -9,13 +9,13 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
+from controlplane.artifacts import ArtifactStore
+from controlplane.circuit import CircuitBreaker
+from controlplane.errors import NoEngine
 from controlplane.live_config import LiveConfig
 from controlplane.policy import Circuit
 from controlplane.policy_loader import parse_policy
 from controlplane.policy_store import PolicyStore
-from engines.artifacts import ArtifactStore
-from engines.circuit import CircuitBreaker
-from router.errors import NoEngine
 from router.requests import ImageRequest
 from router.submit import Submitter
 

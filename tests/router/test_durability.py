@@ -12,11 +12,11 @@ from pathlib import Path
 
 import redis.asyncio as aioredis
 
-from controlplane.embedded_redis import EmbeddedRedis
+from controlplane import keys
+from controlplane.jobs import JobStatus, JobStore
 from controlplane.policy_loader import load_policy
-from engines.registry import Registry
-from router import keys
-from router.jobs import JobStatus, JobStore
+from controlplane.registry import Registry
+from laneway.embedded_redis import EmbeddedRedis
 from tests.conftest import POLICIES
 from tests.router.conftest import running_router
 
@@ -46,7 +46,7 @@ async def test_server_restart_between_submit_and_dispatch_loses_no_job(
                "LANEWAY_REGISTRY": str(tiny_registry.root),
                "LANEWAY_ARTIFACTS": str(tmp_path / "artifacts")}
         worker = subprocess.Popen(
-            [sys.executable, "-m", "controlplane.cli", "worker", "--engines", "turbo,base"],
+            [sys.executable, "-m", "laneway.cli", "worker", "--engines", "turbo,base"],
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 90
         for job_id in (draft["id"], final["id"]):

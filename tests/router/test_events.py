@@ -7,11 +7,11 @@ import json
 
 import pytest
 
+from controlplane.jobs import JobStatus, JobStore
 from controlplane.policy import Policy
 from controlplane.policy_loader import load_policy
+from controlplane.stage_messages import add_event
 from router.job_events import job_event_messages
-from router.jobs import JobStatus, JobStore
-from router.queue import add_event
 from tests.conftest import POLICIES
 from tests.router.conftest import RouterFactory
 

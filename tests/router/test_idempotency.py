@@ -6,9 +6,9 @@ import asyncio
 
 import pytest
 
+from controlplane import keys
 from controlplane.policy import Policy, Tenant
 from controlplane.policy_loader import load_policy
-from router import keys
 from tests.conftest import POLICIES
 from tests.router.conftest import RouterFactory
 

@@ -9,10 +9,10 @@ from collections.abc import Callable
 import redis.asyncio as aioredis
 from prometheus_client.parser import text_string_to_metric_families
 
+from controlplane import keys
+from controlplane.metrics_store import record_stage_times
 from controlplane.policy_loader import load_policy
-from router import keys
 from router.metrics import render_metrics
-from router.metrics_store import record_stage_times
 from tests.conftest import POLICIES
 from tests.router.conftest import Router, RouterFactory
 

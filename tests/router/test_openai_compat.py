@@ -11,7 +11,7 @@ import openai
 import pytest
 from PIL import Image
 
-from engines.registry import Registry
+from controlplane.registry import Registry
 from router.openai_compat import OpenAIError, parse_body, parse_size
 from tests.conftest import POLICIES
 from tests.service import Service

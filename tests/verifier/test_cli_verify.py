@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from controlplane.cli import app
 from controlplane.policy import OnFail, Verify
+from laneway.cli import app
 from tests.verifier.conftest import poster
 from verifier.outcome import decide_action
 from verifier.verdict import Action, VerificationStatus

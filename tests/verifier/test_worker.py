@@ -17,12 +17,9 @@ import pytest
 import redis.asyncio as aioredis
 from PIL import Image, ImageFilter
 
-from controlplane.policy import Policy
-from controlplane.policy_store import PolicyStore
-from controlplane.version_stats import read_stats
-from engines.artifacts import ArtifactStore
-from router import keys
-from router.jobs import (
+from controlplane import keys
+from controlplane.artifacts import ArtifactStore
+from controlplane.jobs import (
     ImageRef,
     Job,
     JobRequest,
@@ -31,6 +28,9 @@ from router.jobs import (
     StageRecord,
     StageStatus,
 )
+from controlplane.policy import Policy
+from controlplane.policy_store import PolicyStore
+from controlplane.version_stats import read_stats
 from router.submit import new_job_id
 from tests.verifier.conftest import poster
 from tests.verifier.test_quality import numpy_to_pil
@@ -270,7 +270,7 @@ def _start_verifier(redis_url: str, artifacts: Path, log: Path) -> subprocess.Po
     env.update({"LANEWAY_REDIS_URL": redis_url, "LANEWAY_ARTIFACTS": str(artifacts),
                 "LANEWAY_VERIFY_CLAIM_IDLE_MS": "500", "LANEWAY_OCR_THREADS": "1",
                 "PYTHONUNBUFFERED": "1"})
-    return subprocess.Popen([sys.executable, "-m", "controlplane.cli", "verifier"], env=env,
+    return subprocess.Popen([sys.executable, "-m", "laneway.cli", "verifier"], env=env,
                             stdout=log.open("ab"), stderr=subprocess.STDOUT)
 
 

@@ -10,7 +10,7 @@ import time
 
 from redis.asyncio.client import Pipeline
 
-from router import keys
+from controlplane import keys
 
 DRAIN_WINDOW_S = 60
 

@@ -8,9 +8,9 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
+from controlplane.circuit import CircuitBreaker, CircuitState, is_open
+from controlplane.errors import EngineUnavailable
 from controlplane.policy import Circuit
-from engines.circuit import CircuitBreaker, CircuitState, is_open
-from router.errors import EngineUnavailable
 
 
 class Clock:

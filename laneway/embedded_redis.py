@@ -19,7 +19,7 @@ from pathlib import Path
 
 import redis
 
-from controlplane.child_process import die_with_parent
+from laneway.child_process import die_with_parent
 
 STATE_FILE = "server.json"
 START_TIMEOUT_S = 10.0

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from redis.asyncio.client import Pipeline
 from redis.typing import EncodableT, FieldT
 
-from router import keys
-from router.jobs import Job, StageStatus, event_fields, now_ms
+from controlplane import keys
+from controlplane.jobs import Job, StageStatus, event_fields, now_ms
 
 EVENTS_TTL_S = 7 * 24 * 3600
 

@@ -14,8 +14,8 @@ from pydantic import BaseModel, Field
 from redis.asyncio.client import Pipeline
 from redis.typing import EncodableT, FieldT
 
-from router import keys
-from router.errors import InternalError, NotFound
+from controlplane import keys
+from controlplane.errors import InternalError, NotFound
 
 
 def utc_now() -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from redis.asyncio.client import Pipeline
 
-from router import keys
+from controlplane import keys
 
 BUCKETS_MS = (5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 120000)
 

@@ -20,15 +20,14 @@ from pathlib import Path
 import redis.asyncio as aioredis
 import uvicorn
 
-from controlplane.child_process import die_with_parent
-from controlplane.embedded_redis import EmbeddedRedis
+from controlplane.errors import PolicyError
 from controlplane.policy import EngineKind, Policy, check_models
 from controlplane.policy_changes import put_in_force
 from controlplane.policy_loader import load_policy
+from controlplane.registry import Registry
 from controlplane.settings import Settings
-from engines.registry import Registry
-from engines.tiny_models import make_tiny
-from router.errors import PolicyError
+from laneway.child_process import die_with_parent
+from laneway.embedded_redis import EmbeddedRedis
 
 log = logging.getLogger("laneway.serve")
 WORKER_DRAIN_S = 30.0
@@ -48,7 +47,9 @@ def ensure_models(policy: Policy, registry: Registry) -> None:
         return
     if all(str(e.value).startswith("tiny-") for e in missing):
         log.info("building tiny random-weight models in %s", registry.root)
-        make_tiny(registry)
+        # in a child process: building them needs torch, which the API process never loads
+        subprocess.run([sys.executable, "-m", "laneway.cli", "models", "make-tiny",
+                        "--registry", str(registry.root)], check=True, stdout=subprocess.DEVNULL)
         missing = check_models(policy, set(registry.models()))
     if missing:
         raise PolicyError("the policy names models that are not in the registry "
@@ -80,7 +81,7 @@ def child_commands(settings: Settings, policy: Policy) -> list[list[str]]:
 
 def start_child(settings: Settings, args: list[str]) -> subprocess.Popen[bytes]:
     env = {**os.environ, "LANEWAY_REDIS_URL": settings.redis_url or ""}
-    return subprocess.Popen([sys.executable, "-m", "controlplane.cli", *args], env=env,
+    return subprocess.Popen([sys.executable, "-m", "laneway.cli", *args], env=env,
                             preexec_fn=die_with_parent)
 
 

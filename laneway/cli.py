@@ -13,10 +13,10 @@ from typing import Annotated, Any
 
 import typer
 
-from controlplane import cli_admin
+from controlplane.errors import LanewayError, PolicyError
 from controlplane.policy_loader import load_policy
 from controlplane.settings import Settings
-from router.errors import LanewayError, PolicyError
+from laneway import cli_admin
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 
@@ -58,9 +58,9 @@ def serve(
     registry: RegistryDir = None,
 ) -> None:
     """Run the service: bundled server (unless --redis-url), API and a local worker."""
-    from controlplane.embedded_redis import EmbeddedServerError
-    from controlplane.serve import ServeOptions
-    from controlplane.serve import serve as run_serve
+    from laneway.embedded_redis import EmbeddedServerError
+    from laneway.serve import ServeOptions
+    from laneway.serve import serve as run_serve
 
     settings = _settings(redis_url=redis_url, host=host, port=port, registry=registry)
     try:
@@ -167,7 +167,7 @@ def policy_validate(
 @models_app.command("make-tiny")
 def models_make_tiny(registry: RegistryDir = None) -> None:
     """Build tiny random-weight models (they draw noise) for offline runs and tests."""
-    from engines.registry import Registry
+    from controlplane.registry import Registry
     from engines.tiny_models import make_tiny
 
     root = registry or _settings().registry

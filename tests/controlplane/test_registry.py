@@ -7,8 +7,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from engines.registry import MANIFEST_NAME, Registry
-from router.errors import RegistryError
+from controlplane.errors import RegistryError
+from controlplane.registry import MANIFEST_NAME, Registry
 
 
 def _model_dir(path: Path, value: float = 1.0) -> Path:

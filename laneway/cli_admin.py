@@ -18,7 +18,7 @@ from typing import Annotated, Any
 
 import typer
 
-from controlplane.admin_client import AdminClient, AdminRefused, ServerUnreachable
+from laneway.admin_client import AdminClient, AdminRefused, ServerUnreachable
 
 EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE = 1, 2, 3
 
@@ -85,9 +85,9 @@ def policy_diff(
     as_json: AsJson = False,
 ) -> None:
     """Show what applying FILE would change against the policy in force (canonical YAML)."""
+    from controlplane.errors import PolicyError
     from controlplane.policy_loader import load_policy
     from router.admin_api import canonical_yaml
-    from router.errors import PolicyError
 
     try:
         policy = load_policy(file)
@@ -164,8 +164,8 @@ def policy_watch(
     import logging
 
     from controlplane.policy_watch import run_policy_watch
+    from controlplane.registry import Registry
     from controlplane.settings import Settings
-    from engines.registry import Registry
 
     settings = Settings()
     if not settings.redis_url:
@@ -205,7 +205,7 @@ def models_list(
 ) -> None:
     """Models and versions in the registry, with which is stable and which is canary."""
     if registry is not None:
-        from engines.registry import Registry
+        from controlplane.registry import Registry
 
         reg = Registry(registry)
         rows = [{"model": m, "version": v, "kind": reg.manifest(m, v).kind, "role": "",
@@ -366,7 +366,7 @@ def controller_cmd() -> None:
 
 
 def register(app: typer.Typer, policy_app: typer.Typer, models_app: typer.Typer) -> None:
-    """Add these commands to the ``laneway`` app (called once by controlplane/cli.py)."""
+    """Add these commands to the ``laneway`` app (called once by laneway/cli.py)."""
     policy_app.command("diff")(policy_diff)
     policy_app.command("apply")(policy_apply)
     policy_app.command("history")(policy_history)

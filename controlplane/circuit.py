@@ -32,9 +32,9 @@ import redis
 import redis.asyncio as aioredis
 from opentelemetry import trace
 
+from controlplane import keys
+from controlplane.errors import EngineUnavailable, InternalError
 from controlplane.policy import Circuit
-from router import keys
-from router.errors import EngineUnavailable, InternalError
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,5 @@
+"""``python -m laneway``: the same as the ``laneway`` command."""
+
+from laneway.cli import main
+
+main()
