@@ -39,6 +39,30 @@ from controlplane.policy import Circuit
 log = logging.getLogger(__name__)
 
 
+#: Count one failed call of a closed circuit, atomically: consecutive failures within the
+#: window, opening the circuit at the threshold. KEYS: circuit hash; ARGV: now_s, window_s,
+#: failures to open, open_until_s. Returns nil when the circuit is not closed, else
+#: {failures, opened (0/1)}.
+COUNT_FAILURE = """
+local state = redis.call('HGET', KEYS[1], 'state') or 'closed'
+if state ~= 'closed' then return nil end
+local now = tonumber(ARGV[1])
+local failures = tonumber(redis.call('HGET', KEYS[1], 'failures') or '0')
+local first = tonumber(redis.call('HGET', KEYS[1], 'first_failure_s') or '0')
+if failures > 0 and now - first <= tonumber(ARGV[2]) then
+  failures = failures + 1
+else
+  failures, first = 1, now
+end
+redis.call('HSET', KEYS[1], 'failures', failures, 'first_failure_s', first)
+if failures >= tonumber(ARGV[3]) then
+  redis.call('HSET', KEYS[1], 'state', 'open', 'open_until_s', ARGV[4])
+  return {failures, 1}
+end
+return {failures, 0}
+"""
+
+
 class CircuitState(StrEnum):
     closed = "closed"
     open = "open"
@@ -95,6 +119,7 @@ class CircuitBreaker:
         self.clock = clock
         self._key = keys.circuit(engine)
         self._probe_key = keys.circuit_probe(engine)
+        self._count_failure = client.register_script(COUNT_FAILURE)
 
     def status(self) -> CircuitStatus:
         return CircuitStatus.parse(self.redis.hgetall(self._key))
@@ -132,28 +157,12 @@ class CircuitBreaker:
                              open_until_s=now_s + self.config.cooldown_s)
             self.redis.delete(self._probe_key)
             return
-        with self.redis.pipeline(transaction=True) as pipe:
-            while True:
-                try:
-                    pipe.watch(self._key)
-                    status = CircuitStatus.parse(pipe.hgetall(self._key))
-                    if status.state is not CircuitState.closed:
-                        return  # a late failure of a call admitted before the circuit opened
-                    in_window = now_s - status.first_failure_s <= self.config.window_s
-                    failures = status.failures + 1 if status.failures and in_window else 1
-                    first_s = status.first_failure_s if failures > 1 else now_s
-                    opens = failures >= self.config.failures
-                    fields: dict[Any, str | float] = {"failures": failures,
-                                                      "first_failure_s": first_s}
-                    if opens:
-                        fields.update(state=CircuitState.open.value,
-                                      open_until_s=now_s + self.config.cooldown_s)
-                    pipe.multi()
-                    pipe.hset(self._key, mapping=fields)
-                    pipe.execute()
-                    break
-                except redis.WatchError:
-                    continue
+        reply = self._count_failure(keys=[self._key], args=[
+            f"{now_s:.6f}", str(self.config.window_s), str(self.config.failures),
+            f"{now_s + self.config.cooldown_s:.6f}"])
+        if reply is None:
+            return  # a late failure of a call admitted before the circuit opened
+        failures, opens = int(reply[0]), bool(int(reply[1]))
         if opens:
             self._announce(CircuitState.closed, CircuitState.open, failures=failures)
 

@@ -1,21 +1,26 @@
-"""Job and stage records: the models, the status state machine, and their store in Redis."""
+"""Job and stage records: the models, their status state machines, and reading them.
+
+Records change only through ``controlplane.transitions`` (one atomic script per change);
+``Job.transition`` and ``StageRecord.transition`` check a change against the tables here
+on the copy a transition plans with.
+"""
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
 import redis.asyncio as aioredis
 from pydantic import BaseModel, Field
-from redis.asyncio.client import Pipeline
 from redis.typing import EncodableT, FieldT
 
 from controlplane import keys
 from controlplane.errors import InternalError, NotFound
+from controlplane.verification import JobVerification, VerificationStatus
 
 
 def utc_now() -> str:
@@ -63,6 +68,22 @@ class StageStatus(StrEnum):
     cancelled = "cancelled"
 
 
+#: allowed stage status changes (``running -> running``: started again by a worker that
+#: claimed it from a silent one; ``running -> queued``: handed back or moved to a
+#: fallback; ``completed -> pending``: the job is regenerated with a new seed)
+STAGE_TRANSITIONS: dict[StageStatus, frozenset[StageStatus]] = {
+    StageStatus.pending: frozenset({StageStatus.queued, StageStatus.cancelled}),
+    StageStatus.queued: frozenset(
+        {StageStatus.queued, StageStatus.running, StageStatus.failed, StageStatus.cancelled}),
+    StageStatus.running: frozenset(
+        {StageStatus.running, StageStatus.queued, StageStatus.completed, StageStatus.failed,
+         StageStatus.cancelled}),
+    StageStatus.completed: frozenset({StageStatus.pending}),
+    StageStatus.failed: frozenset(),
+    StageStatus.cancelled: frozenset(),
+}
+
+
 class LoraRequest(BaseModel):
     id: str
     version: str = ""
@@ -107,6 +128,12 @@ class StageRecord(BaseModel):
     fallback_from: str | None = None
     cost: float | None = None
 
+    def transition(self, to: StageStatus) -> None:
+        """Apply a status change allowed by STAGE_TRANSITIONS (raise on any other)."""
+        if to not in STAGE_TRANSITIONS[self.status]:
+            raise InternalError(f"stage {self.engine}: illegal transition {self.status} -> {to}")
+        self.status = to
+
 
 class ImageRef(BaseModel):
     index: int
@@ -117,6 +144,8 @@ class ImageRef(BaseModel):
 
 
 class Job(BaseModel):
+    #: bumped by every transition; first, so the transition script finds it at the start
+    rev: int = 0
     id: str
     status: JobStatus = JobStatus.queued
     intent: str
@@ -127,7 +156,8 @@ class Job(BaseModel):
     stages: list[StageRecord]
     current_stage: int = 0
     images: list[ImageRef] = Field(default_factory=list)
-    verification: dict[str, Any] = Field(default_factory=lambda: {"status": "skipped"})
+    verification: JobVerification = Field(
+        default_factory=lambda: JobVerification(status=VerificationStatus.skipped))
     error: str | None = None
     trace_id: str | None = None
     trace_context: dict[str, str] = Field(default_factory=dict)
@@ -146,8 +176,9 @@ class Job(BaseModel):
     def public(self) -> dict[str, Any]:
         """The job as clients see it (CONTRACT.md), without internal bookkeeping."""
         body = self.model_dump(
-            mode="json", exclude={"request", "current_stage", "trace_context", "deadline_ms"}
-        )
+            mode="json",
+            exclude={"rev", "request", "current_stage", "trace_context", "deadline_ms"})
+        body["verification"] = self.verification.public()
         for stage in body["stages"]:
             stage.pop("enqueued_at_ms", None)
         costs = [s.cost for s in self.stages if s.cost is not None]
@@ -159,11 +190,10 @@ class Job(BaseModel):
 
 
 class JobStore:
-    """Job records as JSON strings in Redis, with optimistic updates."""
+    """Reads job records (JSON strings in Redis); ``controlplane.transitions`` writes them."""
 
-    def __init__(self, redis: aioredis.Redis, *, ttl_s: int) -> None:
+    def __init__(self, redis: aioredis.Redis) -> None:
         self.redis = redis
-        self.ttl_s = ttl_s
 
     async def get(self, job_id: str) -> Job:
         raw = await self.redis.get(keys.job(job_id))
@@ -171,32 +201,18 @@ class JobStore:
             raise NotFound(f"job {job_id!r} does not exist", details=[])
         return Job.model_validate_json(raw)
 
-    async def update(self, job_id: str, change: Callable[[Job], None], *,
-                     also: Callable[[Pipeline, Job], None] | None = None) -> Job:
-        """Read, change and write a job atomically (WATCH/MULTI, retried on conflict).
 
-        ``also`` adds commands (events, counters) to the same transaction.
-        """
-        key = keys.job(job_id)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            while True:
-                try:
-                    await pipe.watch(key)
-                    raw = await pipe.get(key)
-                    if raw is None:
-                        raise NotFound(f"job {job_id!r} does not exist")
-                    job = Job.model_validate_json(raw)
-                    change(job)
-                    pipe.multi()
-                    pipe.set(key, job.model_dump_json(), ex=self.ttl_s)
-                    if also is not None:
-                        also(pipe, job)
-                    await pipe.execute()
-                    return job
-                except aioredis.WatchError:
-                    continue
+@dataclass(frozen=True)
+class Event:
+    """One entry of a job's events stream; ``ts`` is taken where the event happens."""
 
+    kind: str
+    data: dict[str, Any] = field(default_factory=dict)
+    ts: str = field(default_factory=utc_now)
 
-def event_fields(kind: str, **data: Any) -> dict[FieldT, EncodableT]:
-    """A job event as stream fields: ``kind`` plus a JSON body."""
-    return {"kind": kind, "data": json.dumps(data, separators=(",", ":")), "ts": utc_now()}
+    def encoded(self) -> list[str]:
+        return [self.kind, json.dumps(self.data, separators=(",", ":")), self.ts]
+
+    def fields(self) -> dict[FieldT, EncodableT]:
+        kind, data, ts = self.encoded()
+        return {"kind": kind, "data": data, "ts": ts}

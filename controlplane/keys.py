@@ -17,6 +17,11 @@ def job(job_id: str) -> str:
     return f"{PREFIX}:job:{job_id}"
 
 
+def job_transitions(job_id: str) -> str:
+    """Set of the transition ids applied to a job (a replayed call finds its own here)."""
+    return f"{PREFIX}:job:{job_id}:transitions"
+
+
 def job_events(job_id: str) -> str:
     return f"{PREFIX}:job:{job_id}:events"
 
@@ -65,10 +70,6 @@ def deployments() -> str:
 VERIFY_STREAM = f"{PREFIX}:verify"
 VERIFY_GROUP = "verifiers"
 
-
-def job_verdicts(job_id: str) -> str:
-    """Every verification attempt's verdict of a job, oldest first (JSON strings)."""
-    return f"{PREFIX}:job:{job_id}:verdicts"
 
 
 def version_stats(model: str, version: str) -> str:

@@ -7,9 +7,12 @@ into Prometheus histograms and counters, so every API process reports the same t
 
 from __future__ import annotations
 
-from redis.asyncio.client import Pipeline
+from typing import TYPE_CHECKING
 
 from controlplane import keys
+
+if TYPE_CHECKING:
+    from controlplane.transitions import Effects
 
 BUCKETS_MS = (5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 120000)
 
@@ -21,7 +24,7 @@ def _bucket(value_ms: float) -> str:
     return "+Inf"
 
 
-def record_stage_times(pipe: Pipeline, *, engine: str, version: str, queued_ms: int | None,
+def record_stage_times(writes: Effects, *, engine: str, version: str, queued_ms: int | None,
                        run_ms: int | None) -> None:
     """Add one stage's queue and run time (fields ``kind|engine|version|bucket`` and sums)."""
     key = keys.stage_histograms()
@@ -29,15 +32,15 @@ def record_stage_times(pipe: Pipeline, *, engine: str, version: str, queued_ms: 
         if value is None:
             continue
         prefix = f"{kind}|{engine}|{version}"
-        pipe.hincrby(key, f"{prefix}|{_bucket(value)}", 1)
-        pipe.hincrbyfloat(key, f"{prefix}|sum", value)
-        pipe.hincrby(key, f"{prefix}|count", 1)
+        writes.hincrby(key, f"{prefix}|{_bucket(value)}", 1)
+        writes.hincrbyfloat(key, f"{prefix}|sum", value)
+        writes.hincrby(key, f"{prefix}|count", 1)
 
 
-def record_job_outcome(pipe: Pipeline, *, route: str, status: str) -> None:
-    pipe.hincrby(keys.job_outcomes(), f"{route}|{status}", 1)
+def record_job_outcome(writes: Effects, *, route: str, status: str) -> None:
+    writes.hincrby(keys.job_outcomes(), f"{route}|{status}", 1)
 
 
-def record_spend(pipe: Pipeline, *, engine: str, cost: float) -> None:
+def record_spend(writes: Effects, *, engine: str, cost: float) -> None:
     if cost:
-        pipe.hincrbyfloat(keys.engine_spend(), engine, cost)
+        writes.hincrbyfloat(keys.engine_spend(), engine, cost)

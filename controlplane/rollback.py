@@ -81,5 +81,9 @@ async def _set_stable(redis: aioredis.Redis, model: str, *, to: str | None, acto
         audit.add_in(pipe, audit.AuditEntry.now(actor, "rollback", model, reason,
                                                 stable_before=current.stable,
                                                 stable_after=target))
-        await pipe.execute()
+        try:
+            await pipe.execute()
+        except aioredis.WatchError:
+            raise Conflict(f"deployment of {model!r} changed meanwhile (a concurrent admin write); "
+                           "try again") from None
     return RollbackResult(model, current.stable, target, after_abort)

@@ -180,7 +180,11 @@ async def _write(redis: aioredis.Redis, before: Rollout | None, after: Rollout, 
         audit.add_in(pipe, audit.AuditEntry.now(
             actor, action, after.model, reason, phase=after.phase.value, weight=after.weight,
             stable=after.stable, canary=after.canary))
-        await pipe.execute()
+        try:
+            await pipe.execute()
+        except aioredis.WatchError:
+            raise Conflict(f"rollout of {after.model!r} changed meanwhile (a concurrent "
+                           "admin write); try again") from None
 
 
 async def start_rollout(redis: aioredis.Redis, *, model: str, version: str, now_s: float,

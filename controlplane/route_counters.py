@@ -7,21 +7,23 @@ same transactions that accept and end it, so the bound never drifts.
 from __future__ import annotations
 
 import time
-
-from redis.asyncio.client import Pipeline
+from typing import TYPE_CHECKING
 
 from controlplane import keys
+
+if TYPE_CHECKING:
+    from controlplane.transitions import Effects
 
 DRAIN_WINDOW_S = 60
 
 
-def on_accept(pipe: Pipeline, route: str) -> None:
-    pipe.incr(keys.route_inflight(route))
+def on_accept(writes: Effects, route: str) -> None:
+    writes.incr(keys.route_inflight(route))
 
 
-def on_finish(pipe: Pipeline, route: str, *, now_s: float | None = None) -> None:
+def on_finish(writes: Effects, route: str, *, now_s: float | None = None) -> None:
     second = int(now_s if now_s is not None else time.time())
-    pipe.decr(keys.route_inflight(route))
+    writes.decr(keys.route_inflight(route))
     drained = keys.route_drained(route, second)
-    pipe.incr(drained)
-    pipe.expire(drained, DRAIN_WINDOW_S * 2)
+    writes.incr(drained)
+    writes.expire(drained, DRAIN_WINDOW_S * 2)

@@ -1,7 +1,10 @@
-"""Stage messages on the engine streams: what goes in an entry and how it is added.
+"""Stage messages on the engine streams: what an entry holds.
 
-An entry names the job and the stage to run; everything else is read from the job record.
-Entries are deleted once acknowledged, so a stream's length is its lane's depth.
+An entry names the job and the stage to run and carries the job record as it was when the
+entry was queued (written by the same transition), so a worker starts the stage without
+reading the record first; the start transition's revision check catches a record that
+changed since. Entries are deleted once acknowledged, so a stream's length is its lane's
+depth.
 """
 
 from __future__ import annotations
@@ -9,13 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from redis.asyncio.client import Pipeline
 from redis.typing import EncodableT, FieldT
-
-from controlplane import keys
-from controlplane.jobs import Job, StageStatus, event_fields, now_ms
-
-EVENTS_TTL_S = 7 * 24 * 3600
 
 
 @dataclass(frozen=True)
@@ -24,8 +21,11 @@ class StageMessage:
     stage: int
     trace: dict[str, str]
     enqueued_ms: int
+    #: the job record (JSON) the entry was queued with; None for an entry written by hand
+    record: bytes | None = None
 
     def fields(self) -> dict[FieldT, EncodableT]:
+        """The entry's fields except ``record``, which the transition script adds."""
         return {"job": self.job_id, "stage": str(self.stage), "trace": json.dumps(self.trace),
                 "enqueued_ms": str(self.enqueued_ms)}
 
@@ -36,25 +36,5 @@ class StageMessage:
             stage=int(fields[b"stage"]),
             trace=json.loads(fields.get(b"trace", b"{}")),
             enqueued_ms=int(fields.get(b"enqueued_ms", b"0")),
+            record=fields.get(b"record"),
         )
-
-
-def stage_stream(job: Job, stage: int) -> str:
-    return keys.engine_stream(job.stages[stage].engine, job.request.tier)
-
-
-def enqueue_stage(pipe: Pipeline, job: Job, stage: int) -> StageMessage:
-    """Queue ``job``'s stage ``stage`` on its engine's lane (inside the caller's pipeline).
-
-    Marks the stage queued on ``job``; the caller writes the job in the same transaction.
-    """
-    message = StageMessage(job.id, stage, job.trace_context, now_ms())
-    job.stages[stage].status = StageStatus.queued
-    job.stages[stage].enqueued_at_ms = message.enqueued_ms
-    pipe.xadd(stage_stream(job, stage), message.fields())
-    return message
-
-
-def add_event(pipe: Pipeline, job_id: str, kind: str, **data: object) -> None:
-    pipe.xadd(keys.job_events(job_id), event_fields(kind, **data))
-    pipe.expire(keys.job_events(job_id), EVENTS_TTL_S)

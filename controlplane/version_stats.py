@@ -7,35 +7,38 @@ adds verdicts. Run times keep the most recent RUN_TIMES_KEPT samples for percent
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import redis.asyncio as aioredis
-from redis.asyncio.client import Pipeline
 
 from controlplane import keys
 from controlplane.jobs import StageRecord
 
+if TYPE_CHECKING:
+    from controlplane.transitions import Effects
+
 RUN_TIMES_KEPT = 2000
 
 
-def record_stage(pipe: Pipeline, stage: StageRecord, *, ok: bool) -> None:
+def record_stage(writes: Effects, stage: StageRecord, *, ok: bool) -> None:
     """Count one finished stage for its model version (inside the caller's transaction)."""
     if not stage.model or not stage.model_version:
         return
     key = keys.version_stats(stage.model, stage.model_version)
-    pipe.hincrby(key, "stages", 1)
+    writes.hincrby(key, "stages", 1)
     if not ok:
-        pipe.hincrby(key, "errors", 1)
+        writes.hincrby(key, "errors", 1)
     elif stage.run_ms is not None:
         times = keys.version_run_times(stage.model, stage.model_version)
-        pipe.lpush(times, stage.run_ms)
-        pipe.ltrim(times, 0, RUN_TIMES_KEPT - 1)
+        writes.lpush(times, stage.run_ms)
+        writes.ltrim(times, 0, RUN_TIMES_KEPT - 1)
 
 
-def record_verdict(pipe: Pipeline, model: str, version: str, *, passed: bool) -> None:
+def record_verdict(writes: Effects, model: str, version: str, *, passed: bool) -> None:
     key = keys.version_stats(model, version)
-    pipe.hincrby(key, "verdicts", 1)
+    writes.hincrby(key, "verdicts", 1)
     if passed:
-        pipe.hincrby(key, "verdicts_passed", 1)
+        writes.hincrby(key, "verdicts_passed", 1)
 
 
 @dataclass(frozen=True)

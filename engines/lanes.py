@@ -2,13 +2,19 @@
 
 A tier with weight 4 is read four times as often as a tier with weight 1 while both have
 work waiting; an empty tier is skipped and earns no credit, so a low tier is slowed but
-never starved. Reads never block on an empty lane while another lane has work: the
-reader tries lanes in weight order without blocking, and only when all are empty does it
-wait (XREAD BLOCK from each lane's last id, so an entry added in between is not missed).
+never starved.
+
+The reader remembers which lanes gave work lately ("hot"). While some are, it reads the
+one whose turn it is, without blocking; when none is, one ``XREADGROUP … BLOCK`` across
+all the engine's lanes waits for the next entry (no polling: the server wakes the read).
+That read may return entries of several lanes at once; the reader runs the one whose turn
+it is and holds the others for this engine's next free slot (the heartbeat keeps them
+from looking abandoned, and :meth:`LaneReader.release_held` puts them back on stop).
 """
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,6 +66,8 @@ class LaneReader:
         self.consumer = consumer
         self._groups: set[str] = set()
         self._turns: dict[str, WeightedTiers] = {}
+        self._hot: dict[str, set[str]] = {}
+        self._held: dict[str, dict[str, deque[Entry]]] = {}
 
     async def ensure_groups(self, engine: str, tiers: list[str]) -> None:
         for tier in tiers:
@@ -73,41 +81,76 @@ class LaneReader:
                     raise
             self._groups.add(stream)
 
+    def held(self) -> list[Entry]:
+        """Entries read but not yet handed to a slot."""
+        return [e for tiers in self._held.values() for lane in tiers.values() for e in lane]
+
     async def take(self, engine: str, weights: dict[str, int], *, count: int = 1,
                    block: bool = True) -> list[Entry]:
-        """Up to ``count`` new entries from the lane whose turn it is (waiting if ``block``).
-
-        Entries are deleted on acknowledgement, so a lane's undelivered work is its length
-        minus its pending count; both come in one round trip with each lane's last id.
-        """
+        """Up to ``count`` new entries from the lane whose turn it is (waiting if ``block``)."""
         await self.ensure_groups(engine, list(weights))
         turns = self._turns.setdefault(engine, WeightedTiers())
+        hot = self._hot.setdefault(engine, set())
+        held = self._held.setdefault(engine, {})
         streams = {tier: keys.engine_stream(engine, tier) for tier in weights}
-        for _ in range(2 if block else 1):
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for stream in streams.values():
-                    pipe.xlen(stream)
-                    pipe.xpending(stream, keys.ENGINE_GROUP)
-                    pipe.xrevrange(stream, count=1)
-                replies = await pipe.execute()
-            waiting: set[str] = set()
-            last_ids: dict[Any, Any] = {}
-            for i, (tier, stream) in enumerate(streams.items()):
-                length, pending, last = replies[3 * i: 3 * i + 3]
-                if length - pending["pending"] > 0:
-                    waiting.add(tier)
-                last_ids[stream] = last[0][0] if last else b"0-0"
-            while waiting:
-                tier = turns.pick(weights, waiting)
-                reply: Any = await self.redis.xreadgroup(
-                    keys.ENGINE_GROUP, self.consumer, {streams[tier]: ">"}, count=count)
-                entries = _entries(reply, tier)
-                if entries:
-                    return entries
-                waiting.discard(tier)  # another consumer was faster
-            if block:
-                await self.redis.xread(last_ids, count=1, block=WAIT_BLOCK_MS)
-        return []
+        while True:
+            known = {t for t in weights if held.get(t)} | (hot & set(weights))
+            if not known:
+                break
+            tier = turns.pick(weights, known)
+            if held.get(tier):
+                lane = held[tier]
+                return [lane.popleft() for _ in range(min(count, len(lane)))]
+            entries = await self._read(engine, {tier: streams[tier]}, count, block_ms=None)
+            if entries:
+                return entries
+            hot.discard(tier)  # drained (or another consumer was faster)
+        entries = await self._read(engine, streams, count,
+                                   block_ms=WAIT_BLOCK_MS if block else None)
+        by_tier: dict[str, list[Entry]] = {}
+        for entry in entries:
+            by_tier.setdefault(entry.tier, []).append(entry)
+        hot.update(by_tier)
+        if len(by_tier) <= 1:
+            return entries
+        tier = turns.pick(weights, set(by_tier))
+        for other, rest in by_tier.items():
+            if other != tier:
+                held.setdefault(other, deque()).extend(rest)
+        return by_tier[tier]
+
+    async def release_held(self) -> None:
+        """Put held entries back at the end of their lanes for other workers (on stop)."""
+        for entry in self.held():
+            fields = entry.message.fields()
+            if entry.message.record is not None:
+                fields["record"] = entry.message.record
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.xadd(entry.stream, fields)
+                pipe.xack(entry.stream, keys.ENGINE_GROUP, entry.entry_id)
+                pipe.xdel(entry.stream, entry.entry_id)
+                await pipe.execute()
+        self._held.clear()
+
+    async def _read(self, engine: str, streams: dict[str, str], count: int, *,
+                    block_ms: int | None) -> list[Entry]:
+        """One XREADGROUP over ``streams`` (tier → stream); a lost group is made again."""
+        tiers = {stream: tier for tier, stream in streams.items()}
+        try:
+            reply: Any = await self.redis.xreadgroup(
+                keys.ENGINE_GROUP, self.consumer, dict.fromkeys(streams.values(), ">"),
+                count=count, block=block_ms)
+        except aioredis.ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            self._groups.difference_update(streams.values())  # the server lost its data
+            await self.ensure_groups(engine, list(streams))
+            return []
+        out = []
+        for stream, rows in reply or []:
+            name = stream.decode() if isinstance(stream, bytes) else stream
+            out.extend(_entries([(stream, rows)], tiers[name]))
+        return out
 
     async def claim_stale(self, engine: str, tiers: list[str], *, min_idle_ms: int,
                           count: int) -> list[Entry]:

@@ -1,10 +1,11 @@
-"""How a stage entry ends: each outcome is one Redis transaction.
+"""How a stage entry ends: each outcome is one transition (``controlplane.transitions``).
 
 Every outcome writes the job record, acknowledges and deletes the entry, and, as the case
 may be, queues the next stage (or the same stage again, elsewhere), records metrics and
-per-version counters, enqueues verification, and publishes the finished job. A job that is
-already final when its entry ends (cancelled while running) is only acknowledged: whoever
-made it final has counted it.
+per-version counters, enqueues verification, and publishes the finished job. Outcomes are
+named by stage and attempt: a worker whose entry was taken over (the stage was started
+again elsewhere) or whose job ended meanwhile (cancelled while running) changes nothing
+and only acknowledges its entry, since whoever made the job final has counted it.
 """
 
 from __future__ import annotations
@@ -14,152 +15,157 @@ from collections.abc import Callable
 import redis.asyncio as aioredis
 from PIL import Image
 
-from controlplane import keys, route_counters
-from controlplane.jobs import ImageRef, Job, JobStatus, StageRecord, StageStatus, utc_now
-from controlplane.metrics_store import record_job_outcome, record_spend, record_stage_times
-from controlplane.stage_messages import add_event, enqueue_stage
+from controlplane import keys
+from controlplane.errors import NotFound
+from controlplane.jobs import Event, ImageRef, Job, JobStatus, StageRecord, StageStatus, utc_now
+from controlplane.metrics_store import record_spend, record_stage_times
+from controlplane.transitions import Change, Transitions
+from controlplane.verification import VerificationStatus
 from controlplane.version_stats import record_stage
 from engines.lanes import Entry
 
-Change = Callable[[Job], list[int]]
-"""Mutates the job; returns the stage indexes to queue in the same transaction."""
+RUNNING = frozenset({StageStatus.running})
+#: a stage failed before this worker started it: queued, or left running by a dead worker
+UNSTARTED = frozenset({StageStatus.queued, StageStatus.running})
+#: entries kept in the dead-letter stream (approximately: MAXLEN ~)
+DEAD_LETTER_MAXLEN = 10_000
+
+Edit = Callable[[Job, StageRecord, Change], None]
+"""Changes the job (and its stage's record) on the plan's copy."""
 
 
 class Outcomes:
     def __init__(self, redis: aioredis.Redis, *, job_ttl_s: int) -> None:
         self.redis = redis
-        self.job_ttl_s = job_ttl_s
+        self.transitions = Transitions(redis, job_ttl_s=job_ttl_s)
 
-    async def commit(self, entry: Entry, change: Change, *, event: str,
+    async def commit(self, entry: Entry, job: Job, attempt: int, name: str, edit: Edit, *,
+                     events: list[Event] | None = None,
+                     from_statuses: frozenset[StageStatus] = RUNNING, event: str,
                      **event_data: object) -> Job | None:
-        """Apply ``change`` and end ``entry`` atomically; None when the job was already final."""
-        key = keys.job(entry.message.job_id)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            while True:
-                try:
-                    await pipe.watch(key)
-                    raw = await pipe.get(key)
-                    job = Job.model_validate_json(raw) if raw is not None else None
-                    pipe.multi()
-                    _end_entry(pipe, entry)
-                    if job is None or job.status.is_final:
-                        await pipe.execute()
-                        return None
-                    to_queue = change(job)
-                    for stage in to_queue:
-                        enqueue_stage(pipe, job, stage)
-                    pipe.set(key, job.model_dump_json(), ex=self.job_ttl_s)
-                    add_event(pipe, job.id, event, stage=entry.message.stage, **event_data)
-                    self._record(pipe, job, job.stages[entry.message.stage])
-                    await pipe.execute()
-                    return job
-                except aioredis.WatchError:
-                    continue
+        """End ``entry`` with ``edit`` applied to its stage (``attempt``, in one of
+        ``from_statuses``); None when the stage is no longer this attempt's (taken over, or
+        the job ended), after acknowledging the entry."""
+        index = entry.message.stage
 
-    def _record(self, pipe: aioredis.client.Pipeline, job: Job, stage: StageRecord) -> None:
-        if stage.status in (StageStatus.completed, StageStatus.failed):
-            record_stage(pipe, stage, ok=stage.status is StageStatus.completed)
-            record_stage_times(pipe, engine=stage.engine, version=stage.model_version or "",
-                               queued_ms=stage.queued_ms, run_ms=stage.run_ms)
-            record_spend(pipe, engine=stage.engine, cost=stage.cost or 0.0)
-        if job.status.is_final:
-            route_counters.on_finish(pipe, job.route)
-            record_job_outcome(pipe, route=job.route, status=job.status.value)
-            add_event(pipe, job.id, job.status.value, status=job.status.value,
-                      error=job.error)
-            pipe.publish(keys.JOB_DONE_CHANNEL, job.model_dump_json())
-        if job.status is JobStatus.completed and job.verification.get("status") == "pending":
-            pipe.xadd(keys.VERIFY_STREAM, {"job": job.id})
+        def plan(current: Job) -> Change | None:
+            record = current.stages[index]
+            if (current.status.is_final or record.status not in from_statuses
+                    or record.attempts != attempt):
+                return None
+            change = Change(current, events=list(events or []))
+            end_entry(change, entry)
+            change.event(event, stage=index, **event_data)
+            edit(current, record, change)
+            _record(change, record)
+            return change
+
+        try:
+            applied = await self.transitions.apply(job, f"{name}:{index}:{attempt}", plan)
+        except NotFound:  # the record expired: nothing is left to change
+            applied = None
+        if applied is None or not applied.changed:
+            await self.acknowledge(entry)
+            return None
+        return applied.job
 
     async def acknowledge(self, entry: Entry) -> None:
         async with self.redis.pipeline(transaction=True) as pipe:
-            _end_entry(pipe, entry)
+            pipe.xack(entry.stream, keys.ENGINE_GROUP, entry.entry_id)
+            pipe.xdel(entry.stream, entry.entry_id)
             await pipe.execute()
 
-    async def complete(self, entry: Entry, images: list[Image.Image], *, run_ms: int,
-                       batch_size: int, cost: float | None, verify: bool) -> Job | None:
-        index = entry.message.stage
-
-        def change(job: Job) -> list[int]:
-            record = job.stages[index]
-            record.status = StageStatus.completed
+    async def complete(self, entry: Entry, job: Job, attempt: int, images: list[Image.Image],
+                       *, run_ms: int, batch_size: int, cost: float | None, verify: bool,
+                       progress: list[Event] | None = None) -> Job | None:
+        def edit(current: Job, record: StageRecord, change: Change) -> None:
+            record.transition(StageStatus.completed)
             record.run_ms, record.batch_size, record.cost = run_ms, batch_size, cost
             record.finished_at = utc_now()
-            if index < len(job.stages) - 1:
-                return [index + 1]
-            job.images = [
-                ImageRef(index=i, url=f"/v1/jobs/{job.id}/images/{i}", width=im.width,
-                         height=im.height, seed=job.request.seed + i)
+            index = entry.message.stage
+            if index < len(current.stages) - 1:
+                change.enqueue(index + 1)
+                return
+            current.images = [
+                ImageRef(index=i, url=f"/v1/jobs/{current.id}/images/{i}", width=im.width,
+                         height=im.height, seed=current.request.seed + i)
                 for i, im in enumerate(images)
             ]
             if verify:
-                job.verification = {"status": "pending"}
-            job.transition(JobStatus.completed)
-            return []
+                current.verification = current.verification.model_copy(
+                    update={"status": VerificationStatus.pending})
+                change.effects.xadd(keys.VERIFY_STREAM, {"job": current.id})
+            change.finish(JobStatus.completed)
 
-        return await self.commit(entry, change, event="stage_completed", run_ms=run_ms,
+        return await self.commit(entry, job, attempt, "complete", edit, events=progress,
+                                 event="stage_completed", run_ms=run_ms,
                                  batch_size=batch_size)
 
-    async def fail(self, entry: Entry, error: str, *, run_ms: int | None = None) -> Job | None:
-        index = entry.message.stage
-
-        def change(job: Job) -> list[int]:
-            record = job.stages[index]
-            record.status, record.error, record.run_ms = StageStatus.failed, error, run_ms
+    async def fail(self, entry: Entry, job: Job, attempt: int, error: str, *,
+                   run_ms: int | None = None, dead_letter: bool = False,
+                   started: bool = True, progress: list[Event] | None = None) -> Job | None:
+        """Fail the stage and the job; with ``dead_letter`` keep the entry for inspection;
+        ``started=False`` for a stage that fails before this worker starts it."""
+        def edit(current: Job, record: StageRecord, change: Change) -> None:
+            record.transition(StageStatus.failed)
+            record.error, record.run_ms = error, run_ms
             record.finished_at = utc_now()
-            job.error = f"stage {index} ({record.engine}) failed: {error}"
-            job.transition(JobStatus.failed)
-            return []
+            current.error = f"stage {entry.message.stage} ({record.engine}) failed: {error}"
+            if dead_letter:
+                change.effects.xadd(keys.dead_letter_stream(), {
+                    "job": current.id, "stage": str(entry.message.stage),
+                    "stream": entry.stream, "entry_id": entry.entry_id.decode(),
+                    "cause": error, "failed_at": utc_now()}, maxlen=DEAD_LETTER_MAXLEN)
+            change.finish(JobStatus.failed)
 
-        return await self.commit(entry, change, event="stage_failed", error=error)
+        return await self.commit(entry, job, attempt, "fail", edit, events=progress,
+                                 event="stage_failed",
+                                 from_statuses=RUNNING if started else UNSTARTED, error=error)
 
-    async def dead_letter(self, entry: Entry, cause: str) -> Job | None:
-        """Fail the job for good and keep the entry in the dead-letter stream."""
-        job = await self.fail(entry, cause)
-        await self.redis.xadd(keys.dead_letter_stream(), {
-            "job": entry.message.job_id, "stage": str(entry.message.stage),
-            "stream": entry.stream, "entry_id": entry.entry_id, "cause": cause,
-            "failed_at": utc_now()})
-        return job
-
-    async def hand_back(self, entry: Entry, reason: str) -> Job | None:
+    async def hand_back(self, entry: Entry, job: Job, attempt: int,
+                        reason: str) -> Job | None:
         """Queue the stage again (same lane) for another worker; the job stays accepted."""
-        index = entry.message.stage
+        def edit(current: Job, record: StageRecord, change: Change) -> None:
+            record.worker, record.error = None, f"handed back: {reason}"
+            if entry.message.stage == 0:
+                current.transition(JobStatus.queued)
+            change.enqueue(entry.message.stage)
 
-        def change(job: Job) -> list[int]:
-            record = job.stages[index]
-            record.status, record.worker = StageStatus.queued, None
-            record.error = f"handed back: {reason}"
-            if index == 0:
-                job.transition(JobStatus.queued)
-            return [index]
+        return await self.commit(entry, job, attempt, "hand-back", edit, event="requeued",
+                                 reason=reason)
 
-        return await self.commit(entry, change, event="requeued", reason=reason)
-
-    async def reroute(self, entry: Entry, *, engine: str, model: str | None,
-                      model_version: str | None, reason: str) -> Job | None:
+    async def reroute(self, entry: Entry, job: Job, attempt: int, *, engine: str,
+                      model: str | None, model_version: str | None,
+                      reason: str) -> Job | None:
         """Move the stage to a fallback engine's lane, recording where it came from."""
-        index = entry.message.stage
-
-        def change(job: Job) -> list[int]:
-            record = job.stages[index]
-            job.stages[index] = StageRecord(
+        def edit(current: Job, record: StageRecord, change: Change) -> None:
+            index = entry.message.stage
+            current.stages[index] = StageRecord(
                 engine=engine, model=model, model_version=model_version,
                 attempts=record.attempts, fallback_from=record.engine,
                 error=f"{record.engine}: {reason}")
-            return [index]
+            change.enqueue(index)
 
-        return await self.commit(entry, change, event="rerouted", engine=engine,
-                                 reason=reason)
+        return await self.commit(entry, job, attempt, "reroute", edit, event="rerouted",
+                                 engine=engine, reason=reason)
 
 
-def _end_entry(pipe: aioredis.client.Pipeline, entry: Entry) -> None:
-    pipe.xack(entry.stream, keys.ENGINE_GROUP, entry.entry_id)
-    pipe.xdel(entry.stream, entry.entry_id)
+def end_entry(change: Change, entry: Entry) -> None:
+    change.effects.xack(entry.stream, keys.ENGINE_GROUP, entry.entry_id)
+    change.effects.xdel(entry.stream, entry.entry_id)
+
+
+def _record(change: Change, stage: StageRecord) -> None:
+    """Per-version counters and stage metrics of a stage that ended."""
+    if stage.status in (StageStatus.completed, StageStatus.failed):
+        record_stage(change.effects, stage, ok=stage.status is StageStatus.completed)
+        record_stage_times(change.effects, engine=stage.engine,
+                           version=stage.model_version or "", queued_ms=stage.queued_ms,
+                           run_ms=stage.run_ms)
+        record_spend(change.effects, engine=stage.engine, cost=stage.cost or 0.0)
 
 
 def describe(exc: BaseException) -> str:
     """An error's text for the job record (never a traceback)."""
     text = str(exc) or repr(exc)
     return f"{type(exc).__name__}: {text}" if not text.startswith(type(exc).__name__) else text
-

@@ -21,28 +21,29 @@ from dataclasses import dataclass, field
 from opentelemetry import trace
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 from PIL import Image
-from redis.asyncio.client import Pipeline
 
 from controlplane.artifacts import ArtifactStore
 from controlplane.circuit import is_open
 from controlplane.errors import (
     EngineUnavailable,
     JobCancelled,
+    NotFound,
     StageStopped,
     StageTimeout,
     WorkerDraining,
 )
-from controlplane.jobs import Job, JobStatus, JobStore, StageStatus, now_ms, utc_now
+from controlplane.jobs import Event, Job, JobStatus, JobStore, StageStatus, now_ms, utc_now
 from controlplane.live_config import LiveConfig
 from controlplane.policy import EngineKind, EngineSpec, Policy
 from controlplane.policy_store import PolicyStore
 from controlplane.registry import Registry
-from controlplane.stage_messages import add_event
 from controlplane.stage_sizes import stage_steps
 from controlplane.telemetry import context_from, tracer
+from controlplane.transitions import Change
 from engines.base import Engine, StageItem, StepCallback
 from engines.factory import build_engine
 from engines.lanes import Entry
+from engines.progress import ProgressEvents
 from engines.stage_inputs import build_item
 from engines.stage_outcomes import Outcomes, describe
 
@@ -51,10 +52,6 @@ _tracer = tracer("laneway.worker")
 
 VERSIONS_PER_SLOT = 2
 CANCELLED_KEPT = 10_000
-
-
-class _EndedMeanwhile(Exception):
-    """The job became final (cancelled) after it was read: do not start it."""
 
 
 @dataclass
@@ -79,7 +76,9 @@ class Slot:
 @dataclass
 class Work:
     entry: Entry
+    #: the job as this worker's start left it, and the attempt that start made
     job: Job
+    attempt: int
     policy: Policy
     spec: EngineSpec
     item: StageItem
@@ -102,12 +101,12 @@ class StageRunner:
         self.outcomes = outcomes
         self.ctx = context
         self.policies = PolicyStore(jobs.redis)
+        self.progress = ProgressEvents(jobs.redis)
         self._policy_cache: dict[str, Policy] = {}
         self.cancelled: OrderedDict[str, None] = OrderedDict()
         self.hand_back_now = False
         self.inflight: dict[bytes, Entry] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._background: set[asyncio.Task[None]] = set()
 
     def cancel(self, job_id: str) -> None:
         self.cancelled[job_id] = None
@@ -141,12 +140,22 @@ class StageRunner:
             self._policy_cache[job.policy_version] = policy
         return policy
 
+    async def _job_of(self, entry: Entry) -> Job:
+        """The job as its entry was queued with (no read), else as stored."""
+        if entry.message.record is not None:
+            return Job.model_validate_json(entry.message.record)
+        return await self.jobs.get(entry.message.job_id)
+
     async def _prepare(self, entry: Entry) -> Work | None:
-        """Load and check the job, build its item, mark it running; None if it ended here."""
+        """Check the job, build its item, start it; None if the entry ended here.
+
+        An entry is acknowledged unrun only when its job is known gone or ended; on any
+        other error reading it, it stays pending and is claimed again later.
+        """
         try:
-            job = await self.jobs.get(entry.message.job_id)
-        except Exception:
-            log.exception("entry %s names an unreadable job; acknowledging it", entry.entry_id)
+            job = await self._job_of(entry)
+        except NotFound:
+            log.warning("entry %s names a job that is gone; acknowledging it", entry.entry_id)
             await self.outcomes.acknowledge(entry)
             return None
         if job.status.is_final:
@@ -159,46 +168,62 @@ class StageRunner:
         if record.attempts >= spec.max_attempts:
             cause = record.error or (f"no acknowledgement from worker {record.worker} within "
                                      f"{spec.claim_idle_ms} ms")
-            await self.outcomes.dead_letter(
-                entry, f"gave up after {record.attempts} attempts; last: {cause}")
+            await self.outcomes.fail(
+                entry, job, record.attempts,
+                f"gave up after {record.attempts} attempts; last: {cause}",
+                dead_letter=True, started=False)
             return None
         if job.deadline_ms is not None and now_ms() > job.deadline_ms:
-            await self.outcomes.fail(entry, self._timeout_text(job, policy))
+            await self.outcomes.fail(entry, job, record.attempts,
+                                     self._timeout_text(job, policy), started=False)
             return None
         try:
             item = build_item(job, policy, index, self.ctx.artifacts,
                               on_step=self._step_callback(job, index))
         except Exception as exc:  # bad input fails this item alone, before any batching
-            await self.outcomes.fail(entry, f"cannot prepare stage input: {describe(exc)}")
+            await self.outcomes.fail(entry, job, record.attempts,
+                                     f"cannot prepare stage input: {describe(exc)}",
+                                     started=False)
             return None
-        try:
-            job = await self._start(entry, job, policy)
-        except _EndedMeanwhile:  # cancelled between the read and the start
+        started = await self._start(entry, job, policy)
+        if started is None:  # ended, or started elsewhere, since the entry was queued
             await self.outcomes.acknowledge(entry)
             return None
-        return Work(entry, job, policy, spec, item)
+        return Work(entry, started, started.stages[index].attempts, policy, spec, item)
 
-    async def _start(self, entry: Entry, job: Job, policy: Policy) -> Job:
+    async def _start(self, entry: Entry, job: Job, policy: Policy) -> Job | None:
+        """Mark the stage running on this worker (one transition); None if it may not.
+
+        Owning the entry is what entitles a worker to start its stage (the stream hands an
+        entry to one consumer at a time; a stage still ``running`` was left by a worker that
+        went silent), so the start checks only that the stage is still to be run.
+        """
         index, started_ms = entry.message.stage, now_ms()
         steps = stage_steps(job, policy, index)
 
-        def change(j: Job) -> None:
-            if j.status.is_final:
-                raise _EndedMeanwhile(j.id)
-            record = j.stages[index]
-            if j.status is JobStatus.queued:
-                j.transition(JobStatus.running)
-            record.status, record.worker, record.steps = StageStatus.running, self.ctx.worker, steps
+        def plan(current: Job) -> Change | None:
+            record = current.stages[index]
+            if (current.status.is_final
+                    or record.status not in (StageStatus.queued, StageStatus.running)):
+                return None
+            change = Change(current)
+            if current.status is JobStatus.queued:
+                current.transition(JobStatus.running)
+            record.transition(StageStatus.running)
+            record.worker, record.steps = self.ctx.worker, steps
             record.attempts += 1
             record.started_at = utc_now()
             record.queued_ms = max(0, started_ms - entry.message.enqueued_ms)
-            j.current_stage = index
+            current.current_stage = index
+            change.event("dispatched", stage=index, engine=record.engine,
+                         worker=self.ctx.worker)
+            return change
 
-        def dispatched(pipe: Pipeline, j: Job) -> None:
-            add_event(pipe, j.id, "dispatched", stage=index, engine=j.stages[index].engine,
-                      worker=self.ctx.worker)
-
-        return await self.jobs.update(job.id, change, also=dispatched)
+        try:
+            applied = await self.outcomes.transitions.apply(job, f"start:{index}", plan)
+        except NotFound:
+            return None
+        return applied.job if applied.changed else None
 
     @staticmethod
     def _timeout_text(job: Job, policy: Policy) -> str:
@@ -221,21 +246,16 @@ class StageRunner:
         return on_step
 
     def _progress(self, job_id: str, stage: int, step: int, steps: int) -> None:
-        async def emit() -> None:
-            async with self.jobs.redis.pipeline(transaction=False) as pipe:
-                add_event(pipe, job_id, "progress", stage=stage, step=step, steps=steps)
-                await pipe.execute()
-
-        task = asyncio.ensure_future(emit())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self.progress.add(job_id, Event("progress", {"stage": stage, "step": step,
+                                                     "steps": steps}))
 
     # -- the engine call -----------------------------------------------------------------
 
     async def _run_group(self, slot: Slot, works: list[Work]) -> None:
         if self.hand_back_now:
             for work in works:
-                await self.outcomes.hand_back(work.entry, "worker is draining")
+                await self.outcomes.hand_back(work.entry, work.job, work.attempt,
+                                              "worker is draining")
             return
         try:
             images, run_ms = await self._call(slot, works)
@@ -254,25 +274,31 @@ class StageRunner:
                     await self._run_group(slot, [work])
                 return
             log.warning("stage of job %s failed: %s", works[0].job.id, describe(exc))
-            await self.outcomes.fail(works[0].entry, describe(exc))
+            work = works[0]
+            await self.outcomes.fail(work.entry, work.job, work.attempt, describe(exc),
+                                     progress=await self.progress.take(work.job.id))
             return
         for work, outputs in zip(works, images, strict=True):
             await self.outcomes.complete(
-                work.entry, outputs, run_ms=run_ms, batch_size=len(works),
+                work.entry, work.job, work.attempt, outputs, run_ms=run_ms,
+                progress=await self.progress.take(work.job.id), batch_size=len(works),
                 cost=_cost(work.spec, outputs, run_ms, len(works)),
                 verify=work.policy.route(work.job.route).verify is not None)
 
     async def _stopped(self, slot: Slot, works: list[Work], exc: StageStopped) -> None:
         if isinstance(exc, WorkerDraining):
             for work in works:
-                await self.outcomes.hand_back(work.entry, "worker is draining")
+                await self.outcomes.hand_back(work.entry, work.job, work.attempt,
+                                              "worker is draining")
             return
         stopped = [w for w in works if w.job.id == exc.job_id]
         for work in stopped:
             if isinstance(exc, JobCancelled):
                 await self.outcomes.acknowledge(work.entry)  # the API made it final
             else:
-                await self.outcomes.fail(work.entry, self._timeout_text(work.job, work.policy))
+                await self.outcomes.fail(work.entry, work.job, work.attempt,
+                                         self._timeout_text(work.job, work.policy),
+                                         progress=await self.progress.take(work.job.id))
         rest = [w for w in works if w not in stopped]
         if rest:
             await self._run_group(slot, rest)
@@ -287,10 +313,12 @@ class StageRunner:
             spec = work.policy.engines[name]
             model = spec.model if spec.is_local_model else None
             version = self.live.snapshot.model_version(model, work.job.id) if model else None
-            await self.outcomes.reroute(work.entry, engine=name, model=model,
+            await self.outcomes.reroute(work.entry, work.job, work.attempt, engine=name,
+                                        model=model,
                                         model_version=version, reason=describe(exc))
             return
-        await self.outcomes.fail(work.entry, f"{describe(exc)}; no fallback engine available")
+        await self.outcomes.fail(work.entry, work.job, work.attempt,
+                                 f"{describe(exc)}; no fallback engine available")
 
     async def _call(self, slot: Slot, works: list[Work]) -> tuple[list[list[Image.Image]], int]:
         """One pipeline call for ``works`` in a thread; outputs stored before returning."""

@@ -64,7 +64,7 @@ class Worker:
         self.reader = LaneReader(redis, options.name)
         self._executor = ThreadPoolExecutor(max_workers=64, thread_name_prefix="slot")
         self.runner = StageRunner(
-            JobStore(redis, ttl_s=options.job_ttl_s), self.live,
+            JobStore(redis), self.live,
             Outcomes(redis, job_ttl_s=options.job_ttl_s),
             RunnerContext(worker=options.name, device=options.device,
                           registry=options.registry, artifacts=options.artifacts,
@@ -96,6 +96,9 @@ class Worker:
         finally:
             self._helpers_stop.set()
             await asyncio.gather(*helpers, return_exceptions=True)
+            await self.runner.progress.close()
+            with contextlib.suppress(aioredis.RedisError):
+                await self.reader.release_held()
             with contextlib.suppress(aioredis.RedisError):
                 await self.redis.srem(keys.workers(), self.name)
                 await self.redis.delete(keys.worker_heartbeat(self.name))
@@ -214,7 +217,7 @@ class Worker:
             pipe.expire(keys.worker_heartbeat(self.name), HEARTBEAT_TTL_S)
             pipe.sadd(keys.workers(), self.name)
             # Touch in-flight entries so a long stage is not mistaken for an abandoned one.
-            for entry in list(self.runner.inflight.values()):
+            for entry in [*self.runner.inflight.values(), *self.reader.held()]:
                 pipe.xclaim(entry.stream, keys.ENGINE_GROUP, self.name, 0, [entry.entry_id],
                             justid=True)
             await pipe.execute()

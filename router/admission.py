@@ -9,12 +9,15 @@ A route is full when its accepted, unfinished jobs (``keys.route_inflight``, kep
 - ``defer``: accepts a job of a deferrable tier into the deferred stream, released by
   ``router/deferral.py`` when interactive load falls; other tiers are refused.
 
-The bound is read before the accept transaction (which increments the counter), so
-requests accepted in the same instant can pass it together: the overshoot is at most the
-number of concurrent submits. The counter itself never drifts. Every decision is counted
-per route and tier (``keys.admission_outcomes``)::
+The bound is checked by the accept transition itself (:meth:`AdmissionControl.bound`), so
+concurrent submits never pass it together; only when it refuses does :meth:`when_full`
+decide where the job goes instead. Every decision is counted per route and tier
+(``keys.admission_outcomes``)::
 
-    admitted = await AdmissionControl(redis).admit(policy, route, tier="standard")
+    created = await transitions.create(change, bound=admission.bound(route))
+    if not created.created:
+        admitted = await admission.when_full(policy, asked, route, tier=tier,
+                                             inflight=created.full_at, seen={asked.name})
 """
 
 from __future__ import annotations
@@ -26,12 +29,12 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 import redis.asyncio as aioredis
-from redis.asyncio.client import Pipeline
 
 from controlplane import keys
 from controlplane.errors import AdmissionRefused
 from controlplane.policy import OnFull, Policy, Route
 from controlplane.route_counters import DRAIN_WINDOW_S
+from controlplane.transitions import Bound, Effects
 
 RETRY_AFTER_MIN_S = 1
 RETRY_AFTER_MAX_S = 300
@@ -57,8 +60,8 @@ class Admitted:
         return self.outcome is Outcome.deferred
 
 
-def record_outcome(pipe: Pipeline, *, route: str, tier: str, outcome: Outcome) -> None:
-    pipe.hincrby(keys.admission_outcomes(), f"{route}|{tier}|{outcome.value}", 1)
+def record_outcome(writes: Effects, *, route: str, tier: str, outcome: Outcome) -> None:
+    writes.hincrby(keys.admission_outcomes(), f"{route}|{tier}|{outcome.value}", 1)
 
 
 def retry_after_s(drained: int, excess: int, *, window_s: int = DRAIN_WINDOW_S) -> int:
@@ -78,32 +81,28 @@ class AdmissionControl:
         self.redis = redis
         self.clock_s = clock_s
 
-    async def admit(self, policy: Policy, route: Route, *, tier: str) -> Admitted:
-        """Where a job of ``tier`` asking for ``route`` goes; raise AdmissionRefused if nowhere.
+    @staticmethod
+    def bound(route: Route) -> Bound:
+        """The bound the accept transition checks: the route's jobs in flight."""
+        return Bound(keys.route_inflight(route.name), route.admission.max_queue)
 
-        Refusals are counted here; the caller counts the other outcomes in its accept
-        transaction (:func:`record_outcome`), so a failed accept is not counted.
+    async def when_full(self, policy: Policy, asked: Route, full: Route, *, tier: str,
+                        inflight: int, seen: set[str]) -> Admitted:
+        """Where a job of ``tier`` that asked for ``asked`` goes now that ``full`` refused
+        it (``seen``: routes tried so far, updated); raise AdmissionRefused if nowhere.
+
+        Refusals are counted here; the accept transition counts the other outcomes.
         """
-        current, seen = route, {route.name}
-        while True:
-            inflight = await self.inflight(current.name)
-            if inflight < current.admission.max_queue:
-                if current is route:
-                    return Admitted(route, Outcome.accepted)
-                return Admitted(current, Outcome.degraded, degraded_from=route.name)
-            on_full = current.admission.on_full
-            if on_full is OnFull.defer and policy.tiers[tier].deferrable:
-                return Admitted(current, Outcome.deferred,
-                                degraded_from=None if current is route else route.name)
-            if on_full is OnFull.degrade and current.admission.degrade_to not in seen:
-                assert current.admission.degrade_to is not None  # checked at policy load
-                current = policy.route(current.admission.degrade_to)
-                seen.add(current.name)
-                continue
-            raise await self._refusal(route, current, inflight, tier=tier)
-
-    async def inflight(self, route: str) -> int:
-        return int(await self.redis.get(keys.route_inflight(route)) or 0)
+        on_full = full.admission.on_full
+        degraded_from = None if full is asked else asked.name
+        if on_full is OnFull.defer and policy.tiers[tier].deferrable:
+            return Admitted(full, Outcome.deferred, degraded_from=degraded_from)
+        if on_full is OnFull.degrade and full.admission.degrade_to not in seen:
+            assert full.admission.degrade_to is not None  # checked at policy load
+            seen.add(full.admission.degrade_to)
+            return Admitted(policy.route(full.admission.degrade_to), Outcome.degraded,
+                            degraded_from=asked.name)
+        raise await self._refusal(asked, full, inflight, tier=tier)
 
     async def drained(self, route: str) -> int:
         """Jobs of ``route`` that finished in the last DRAIN_WINDOW_S whole seconds."""
@@ -116,9 +115,9 @@ class AdmissionControl:
                        tier: str) -> AdmissionRefused:
         excess = inflight - full.admission.max_queue + 1
         wait_s = retry_after_s(await self.drained(full.name), excess)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            record_outcome(pipe, route=asked.name, tier=tier, outcome=Outcome.rejected)
-            await pipe.execute()
+        refused = Effects()
+        record_outcome(refused, route=asked.name, tier=tier, outcome=Outcome.rejected)
+        await refused.send(self.redis)
         why = (f"tier {tier!r} is not deferrable" if full.admission.on_full is OnFull.defer
                else f"on_full: {full.admission.on_full.value}")
         via = f" (degraded from {asked.name!r})" if full is not asked else ""

@@ -27,7 +27,7 @@ from router.job_events import job_event_messages
 from router.metrics import render_metrics
 from router.requests import ImageRequest
 from router.status import live_workers, status_body
-from router.submit import Submitter
+from router.submit import Submitter, new_job_id
 from router.tenants import authenticate
 from router.waiters import JobWaiters
 
@@ -82,27 +82,20 @@ class JobsController(Controller):
         ``Idempotent-Replayed: true``): 200 when it has ended, else 202.
         """
         tenant = authenticate(api.live.snapshot.policy, authorization)
-        accepted = await api.submitter.submit(data, tenant=tenant,
-                                              idempotency_key=idempotency_key)
-        job = accepted.job
-        headers = {"Idempotent-Replayed": "true"} if accepted.replayed else {}
-        if data.wait <= 0 or job.status.is_final:
-            return Response(job.public(), status_code=200 if job.status.is_final else 202,
-                            headers=headers)
-        # Register, then re-read: a job that ended before registration is seen by the read,
-        # one that ends after it wakes the future.
-        submitted = api.waiters.register(job.id)
-        try:
-            current = await api.jobs.get(job.id)
-            if current.status.is_final:
-                return Response(current.public(), status_code=200, headers=headers)
-            finished = await asyncio.wait_for(asyncio.shield(submitted), timeout=data.wait)
-            return Response(finished.public(), status_code=200, headers=headers)
-        except TimeoutError:
-            return Response((await api.jobs.get(job.id)).public(), status_code=202,
-                            headers=headers)
-        finally:
-            api.waiters.forget(job.id, submitted)
+        job_id = new_job_id()
+        with api.waiters.waiting(job_id) as ended:
+            accepted = await api.submitter.submit(data, tenant=tenant, job_id=job_id,
+                                                  idempotency_key=idempotency_key)
+            job = accepted.job
+            headers = {"Idempotent-Replayed": "true"} if accepted.replayed else {}
+            if data.wait > 0:
+                try:
+                    job = await api.waiters.until_final(accepted, ended, api.jobs,
+                                                        timeout_s=data.wait)
+                except TimeoutError:
+                    job = await api.jobs.get(job.id)
+        return Response(job.public(), status_code=200 if job.status.is_final else 202,
+                        headers=headers)
 
     @delete("/jobs/{job_id:str}", operation_id="cancelJob", status_code=200)
     async def cancel(self, job_id: str, api: ApiState,
@@ -110,8 +103,7 @@ class JobsController(Controller):
         """Cancel a job; idempotent: an ended job is returned unchanged."""
         policy = api.live.snapshot.policy
         tenant = authenticate(policy, authorization) if policy.tenants else None
-        job, _ = await cancel_job(api.redis, job_id, job_ttl_s=api.settings.job_ttl_s,
-                                  tenant=tenant)
+        job, _ = await cancel_job(api.jobs, api.submitter.transitions, job_id, tenant=tenant)
         return _job_response(job)
 
     @get("/jobs/{job_id:str}/events", operation_id="getJobEvents")

@@ -66,7 +66,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         settings=settings,
         redis=redis,
         live=live,
-        jobs=JobStore(redis, ttl_s=settings.job_ttl_s),
+        jobs=JobStore(redis),
         waiters=waiters,
         artifacts=artifacts,
         submitter=Submitter(redis, live, artifacts, settings.job_ttl_s,

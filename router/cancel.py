@@ -4,63 +4,53 @@ A queued job becomes ``cancelled`` at once and its stage entry is acknowledged u
 the worker that reads it (workers skip entries of final jobs); a deferred one is dropped
 by the deferral loop. A running job becomes ``cancelled`` too and its id goes out on
 ``CANCEL_CHANNEL``, so the worker running it stops at the next denoising step and frees
-the slot. The transition, its event, the route's in-flight count and the outcome counter
-are written in one transaction that only the first cancel commits::
+the slot. The change, its event, the route's in-flight count and the outcome counter are
+one transition, which only the first cancel applies::
 
-    job, changed = await cancel_job(redis, "j_…", job_ttl_s=3600)
+    job, changed = await cancel_job(jobs, transitions, "j_…")
 """
 
 from __future__ import annotations
 
 import logging
 
-import redis.asyncio as aioredis
-
-from controlplane import keys, route_counters
+from controlplane import keys
 from controlplane.errors import NotFound
-from controlplane.jobs import Job, JobStatus, StageStatus, utc_now
-from controlplane.metrics_store import record_job_outcome
-from controlplane.stage_messages import add_event
+from controlplane.jobs import Job, JobStatus, JobStore, StageStatus, utc_now
+from controlplane.transitions import Change, Transitions
 
 log = logging.getLogger(__name__)
 
-_STOPPED_STAGES = frozenset({StageStatus.queued, StageStatus.running})
+_STOPPED_STAGES = frozenset({StageStatus.pending, StageStatus.queued, StageStatus.running})
 
 
-async def cancel_job(redis: aioredis.Redis, job_id: str, *, job_ttl_s: int,
+def cancelled(job: Job) -> Change | None:
+    """The plan of a cancel: every unfinished stage stops; None when the job is final."""
+    if job.status.is_final:
+        return None
+    change = Change(job)
+    was = job.status
+    for record in job.stages:
+        if record.status in _STOPPED_STAGES:
+            if record.status is StageStatus.running:
+                record.finished_at = utc_now()
+            record.transition(StageStatus.cancelled)
+    change.finish(JobStatus.cancelled, was=was.value, stage=job.current_stage)
+    # queued jobs too: a worker may have read the entry a moment ago
+    change.effects.publish(keys.CANCEL_CHANNEL, job.id)
+    return change
+
+
+async def cancel_job(jobs: JobStore, transitions: Transitions, job_id: str, *,
                      tenant: str | None = None) -> tuple[Job, bool]:
     """Cancel ``job_id``; return the job and whether this call cancelled it.
 
     With ``tenant``, a job of another tenant is reported as not found.
     """
-    key = keys.job(job_id)
-    async with redis.pipeline(transaction=True) as pipe:
-        while True:
-            try:
-                await pipe.watch(key)
-                raw = await pipe.get(key)
-                job = None if raw is None else Job.model_validate_json(raw)
-                if job is None or (tenant is not None and job.request.tenant != tenant):
-                    raise NotFound(f"job {job_id!r} does not exist")
-                if job.status.is_final:
-                    return job, False
-                was = job.status
-                job.transition(JobStatus.cancelled)
-                for record in job.stages:
-                    if record.status in _STOPPED_STAGES:
-                        if record.status is StageStatus.running:
-                            record.finished_at = utc_now()
-                        record.status = StageStatus.cancelled
-                pipe.multi()
-                pipe.set(key, job.model_dump_json(), ex=job_ttl_s)
-                add_event(pipe, job_id, "cancelled", was=was.value, stage=job.current_stage)
-                route_counters.on_finish(pipe, job.route)
-                record_job_outcome(pipe, route=job.route, status=JobStatus.cancelled.value)
-                # queued jobs too: a worker may have read the entry a moment ago
-                pipe.publish(keys.CANCEL_CHANNEL, job_id)
-                pipe.publish(keys.JOB_DONE_CHANNEL, job.model_dump_json())
-                await pipe.execute()
-            except aioredis.WatchError:
-                continue
-            log.info("job %s: %s -> cancelled", job_id, was.value)
-            return job, True
+    job = await jobs.get(job_id)
+    if tenant is not None and job.request.tenant != tenant:
+        raise NotFound(f"job {job_id!r} does not exist")
+    applied = await transitions.apply(job, "cancel", cancelled)
+    if applied.changed:
+        log.info("job %s: %s -> cancelled", job_id, job.status.value)
+    return applied.job, applied.changed

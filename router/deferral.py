@@ -8,7 +8,9 @@ dies) measures interactive work in flight: the depth of the lanes of non-deferra
 most ``policy.defer.max_interactive_depth`` (0: only when interactive lanes are empty), it
 moves deferred jobs to their engine lanes in order, keeping at most
 ``MAX_RELEASED_DEPTH`` entries waiting in the deferrable lanes so deferred work stays
-deferred if interactive load comes back. A job cancelled while deferred is dropped.
+deferred if interactive load comes back. A job cancelled while deferred is dropped. A
+release is one transition, so two processes never release a job twice, and the job's
+deadline (its route's ``timeout_s``) starts at its release, not at its submission.
 """
 
 from __future__ import annotations
@@ -21,11 +23,12 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from controlplane import keys
-from controlplane.jobs import Job
+from controlplane.errors import NotFound
+from controlplane.jobs import Job, JobStore, StageStatus, now_ms
 from controlplane.leases import Lease
 from controlplane.live_config import LiveConfig
 from controlplane.policy import Policy
-from controlplane.stage_messages import add_event, enqueue_stage
+from controlplane.transitions import Change, Transitions
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +51,8 @@ class DeferralDispatcher:
                  tick_s: float = TICK_S) -> None:
         self.redis = redis
         self.live = live
-        self.job_ttl_s = job_ttl_s
+        self.jobs = JobStore(redis)
+        self.transitions = Transitions(redis, job_ttl_s=job_ttl_s)
         self.tick_s = tick_s
         self.lease = Lease(redis, keys.deferral_lock(), ttl_ms=LOCK_TTL_MS)
         self._task: asyncio.Task[None] | None = None
@@ -95,27 +99,33 @@ class DeferralDispatcher:
         released = 0
         entries: Any = await self.redis.xrange(keys.deferred_stream(), count=budget)
         for entry_id, fields in entries:
-            released += await self._release(entry_id, fields[b"job"].decode())
+            released += await self._release(entry_id, fields[b"job"].decode(), policy)
         return released
 
-    async def _release(self, entry_id: bytes, job_id: str) -> int:
-        key = keys.job(job_id)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            while True:
-                try:
-                    await pipe.watch(key)
-                    raw = await pipe.get(key)
-                    job = None if raw is None else Job.model_validate_json(raw)
-                    pipe.multi()
-                    pipe.xdel(keys.deferred_stream(), entry_id)
-                    if job is None or job.status.is_final:  # cancelled (or expired) meanwhile
-                        await pipe.execute()
-                        return 0
-                    enqueue_stage(pipe, job, 0)
-                    pipe.set(key, job.model_dump_json(), ex=self.job_ttl_s)
-                    add_event(pipe, job_id, "queued", route=job.route, stage=0,
-                              engine=job.stages[0].engine, released=True)
-                    await pipe.execute()
-                    return 1
-                except aioredis.WatchError:
-                    continue
+    async def _release(self, entry_id: bytes, job_id: str, policy: Policy) -> int:
+        """Queue a deferred job's first stage, its deadline starting now; 1 if released."""
+        try:
+            job = await self.jobs.get(job_id)
+            applied = await self.transitions.apply(
+                job, "release", lambda j: released(j, entry_id, policy))
+        except NotFound:  # expired meanwhile
+            applied = None
+        if applied is None or not applied.changed:  # gone, cancelled, or released elsewhere
+            await self.redis.xdel(keys.deferred_stream(), entry_id)
+            return 0
+        return 1
+
+
+def released(job: Job, entry_id: bytes, policy: Policy) -> Change | None:
+    """The plan of a release: stage 0 queued, the deferred entry dropped; None when the job
+    ended meanwhile or another process released it first."""
+    if job.status.is_final or job.stages[0].status is not StageStatus.pending:
+        return None
+    change = Change(job)
+    change.enqueue(0)
+    with contextlib.suppress(KeyError):  # a route gone from the policy keeps no deadline
+        job.deadline_ms = now_ms() + int(policy.route(job.route).timeout_s * 1000)
+    change.effects.xdel(keys.deferred_stream(), entry_id)
+    change.event("queued", route=job.route, stage=0, engine=job.stages[0].engine,
+                 released=True)
+    return change

@@ -17,11 +17,11 @@ import time
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.asyncio.client import Pipeline
 
 from controlplane import keys
 from controlplane.errors import Conflict, NotFound, ValidationFailed
 from controlplane.jobs import Job, JobStore
+from controlplane.transitions import Effects
 
 MAX_KEY_CHARS = 255
 #: a claim whose accept never committed (a crashed process) frees the key after this
@@ -68,9 +68,9 @@ class IdempotencyKeys:
             if owner is not None:
                 await asyncio.sleep(POLL_S)
 
-    def commit(self, pipe: Pipeline, tenant: str, key: str, job_id: str) -> None:
-        """Keep the claim for the full TTL (inside the accept transaction)."""
-        pipe.set(keys.idempotency(tenant, key), job_id, ex=self.ttl_s)
+    def commit(self, writes: Effects, tenant: str, key: str, job_id: str) -> None:
+        """Keep the claim for the full TTL (written by the accept transition)."""
+        writes.set(keys.idempotency(tenant, key), job_id, ex=self.ttl_s)
 
     async def release(self, tenant: str, key: str, job_id: str) -> None:
         """Free a claim whose request was not accepted, if it is still ours."""

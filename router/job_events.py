@@ -66,7 +66,7 @@ async def _messages(redis: aioredis.Redis, jobs: JobStore, job_id: str, state: d
             job = await jobs.get(job_id)
             if not job.status.is_final:  # regenerated after a failed verification
                 ended_at = None
-            elif kind == "verified" or job.verification.get("status") != "pending":
+            elif kind == "verified" or not job.verification.pending:
                 return
             elif ended_at is None:
                 ended_at = time.monotonic()

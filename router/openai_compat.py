@@ -32,6 +32,7 @@ from controlplane.jobs import Job, JobStatus
 from controlplane.policy import Intent
 from router.api import ApiState, AuthorizationHeader, provide_api
 from router.requests import ImageRequest
+from router.submit import new_job_id
 from router.tenants import authenticate
 
 log = logging.getLogger(__name__)
@@ -95,23 +96,6 @@ def parse_body(raw: Any) -> ImagesGeneration:
         shown = f" (got {first['input']!r})" if first["type"] != "missing" else ""
         raise OpenAIError(400, f"{param}: {first['msg']}{shown}", param=param,
                           code=first["type"]) from None
-
-
-async def _wait(api: ApiState, job: Job, *, timeout_s: float) -> Job:
-    """The job once it has ended; OpenAIError 504 after ``timeout_s``."""
-    # register, then re-read: an end before registration is seen by the read
-    future = api.waiters.register(job.id)
-    try:
-        current = await api.jobs.get(job.id)
-        if current.status.is_final:
-            return current
-        return await asyncio.wait_for(asyncio.shield(future), timeout=timeout_s)
-    except TimeoutError:
-        raise OpenAIError(504, f"job {job.id} did not finish within the route's "
-                               f"{timeout_s:g} s; it continues at /v1/jobs/{job.id}",
-                          code="timeout") from None
-    finally:
-        api.waiters.forget(job.id, future)
 
 
 async def _images(api: ApiState, request: Request[Any, Any, Any], job: Job,
@@ -180,9 +164,19 @@ class OpenAIImagesController(Controller):
         image_request = ImageRequest(
             prompt=body.prompt, intent=intent, width=width, height=height, n=body.n,
             metadata={"user": body.user} if body.user is not None else {})
-        accepted = await api.submitter.submit(image_request, tenant=tenant,
-                                              route_name=route_name)
-        job = await _wait(api, accepted.job, timeout_s=policy.route(accepted.job.route).timeout_s)
+        job_id = new_job_id()
+        with api.waiters.waiting(job_id) as ended:
+            accepted = await api.submitter.submit(image_request, tenant=tenant,
+                                                  route_name=route_name, job_id=job_id)
+            timeout_s = policy.route(accepted.job.route).timeout_s
+            try:
+                job = await api.waiters.until_final(accepted, ended, api.jobs,
+                                                    timeout_s=timeout_s)
+            except TimeoutError:
+                job_id = accepted.job.id
+                raise OpenAIError(504, f"job {job_id} did not finish within the route's "
+                                       f"{timeout_s:g} s; it continues at /v1/jobs/{job_id}",
+                                  code="timeout") from None
         if job.status is not JobStatus.completed:
             raise OpenAIError(500, f"job {job.id} {job.status.value}: {job.error or 'no error'}",
                               code=f"job_{job.status.value}")

@@ -1,13 +1,15 @@
 """Accepting a request: validate, route, honour Idempotency-Key, admit, pick versions, enqueue.
 
 The accepted job, its first stage entry (or its deferred entry), the route's in-flight
-count, the admission outcome and the idempotency claim are written in one Redis
-transaction, so a job is either fully queued or not accepted at all.
+count, the admission outcome and the idempotency claim are written by one transition
+(``controlplane.transitions``) that also checks the route's bound, so a job is either fully
+queued or not accepted at all, and a route never holds more than ``max_queue`` jobs.
 """
 
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
@@ -24,15 +26,14 @@ from controlplane.jobs import (
     JobStore,
     LoraRequest,
     StageRecord,
-    StageStatus,
     now_ms,
 )
 from controlplane.live_config import LiveConfig, Snapshot
 from controlplane.policy import EngineKind, Mode, Policy, Route, Stage
 from controlplane.registry import Registry
-from controlplane.stage_messages import add_event, enqueue_stage
 from controlplane.telemetry import current_carrier, current_trace_id, tracer
-from router.admission import AdmissionControl, Admitted, record_outcome
+from controlplane.transitions import Change, Transitions
+from router.admission import AdmissionControl, Admitted, Outcome, record_outcome
 from router.idempotency import IdempotencyKeys, check_key
 from router.image_input import decode_image
 from router.requests import ImageRequest, check_against_policy, raise_if_any
@@ -68,15 +69,17 @@ class Submitter:
     def __post_init__(self) -> None:
         self.admission = AdmissionControl(self.redis)
         self.idempotency = IdempotencyKeys(self.redis, ttl_s=self.idempotency_ttl_s)
-        self.jobs = JobStore(self.redis, ttl_s=self.job_ttl_s)
+        self.jobs = JobStore(self.redis)
+        self.transitions = Transitions(self.redis, job_ttl_s=self.job_ttl_s)
 
     async def submit(self, req: ImageRequest, *, tenant: str = DEFAULT_TENANT,
                      idempotency_key: str | None = None,
-                     route_name: str | None = None) -> Accepted:
+                     route_name: str | None = None, job_id: str | None = None) -> Accepted:
         """Accept ``req`` (or return the job its Idempotency-Key already names).
 
         ``route_name`` names the route to use instead of matching the policy's rules (an alias
-        of the OpenAI-compatible endpoint may name one).
+        of the OpenAI-compatible endpoint may name one); ``job_id`` is the id to give the
+        job (a waiting request registers it before the job can end).
         """
         if idempotency_key is not None:
             check_key(idempotency_key)
@@ -93,7 +96,7 @@ class Submitter:
         height = req.height or policy.limits.default_height
         facts = RequestFacts(intent=req.intent, has_text=bool(req.expected_text()), tier=tier,
                              mode=req.mode, pixels=width * height)
-        job_id = new_job_id()
+        job_id = job_id or new_job_id()
         with _tracer.start_as_current_span("laneway.route") as span:
             try:
                 asked = (policy.route(route_name) if route_name
@@ -104,10 +107,14 @@ class Submitter:
                     if original is not None:
                         span.set_attribute("laneway.idempotent_replay", original.id)
                         return Accepted(original, replayed=True)
+                for name, image in images.items():
+                    self.artifacts.save(self.artifacts.input_path(job_id, name), image)
                 try:
-                    admitted = await self.admission.admit(policy, asked, tier=tier)
-                    self._check_lora_base(lora, admitted.route, policy)
-                    stages = await self._stage_records(admitted.route, snapshot, job_id)
+                    job, admitted = await self._admit(
+                        asked, snapshot, job_id, tier, idempotency_key, lora,
+                        lambda route, stages, admitted: self._new_job(
+                            job_id, req, route, stages, admitted, tenant=tenant, tier=tier,
+                            lora=lora, width=width, height=height))
                 except LanewayError:
                     if idempotency_key is not None:
                         await self.idempotency.release(tenant, idempotency_key, job_id)
@@ -115,41 +122,84 @@ class Submitter:
             except LanewayError as exc:
                 span.set_status(Status(StatusCode.ERROR, exc.message))
                 raise
-            route = admitted.route
             span.set_attributes({
-                "laneway.job_id": job_id, "laneway.route": route.name,
-                "laneway.engine": route.stages[0].engine,
+                "laneway.job_id": job_id, "laneway.route": job.route,
+                "laneway.engine": job.stages[0].engine,
                 "laneway.policy_version": policy.version_id, "laneway.tier": tier,
                 "laneway.admission": admitted.outcome.value,
+                "laneway.stream": keys.deferred_stream() if admitted.deferred
+                else keys.engine_stream(job.stages[0].engine, tier),
             })
-            job = Job(
-                id=job_id,
-                intent=req.intent.value,
-                route=route.name,
-                degraded_from=admitted.degraded_from,
-                policy_version=policy.version_id,
-                request=JobRequest(
-                    prompt=req.prompt, negative_prompt=req.negative_prompt, width=width,
-                    height=height, n=req.n,
-                    seed=req.seed if req.seed is not None else secrets.randbelow(2**31),
-                    mode=req.mode.value, strength=req.strength,
-                    lora=lora,
-                    text=req.expected_text(), tier=tier, tenant=tenant, metadata=req.metadata,
-                    has_image=req.image is not None, has_mask=req.mask is not None,
-                ),
-                stages=stages,
-                trace_id=current_trace_id(),
-                trace_context=current_carrier(),
-                deadline_ms=now_ms() + int(route.timeout_s * 1000),
-            )
-            for name, image in images.items():
-                self.artifacts.save(self.artifacts.input_path(job_id, name), image)
-            with _tracer.start_as_current_span("laneway.enqueue") as enqueue_span:
-                await self._enqueue(job, asked, admitted, idempotency_key)
-                enqueue_span.set_attribute(
-                    "laneway.stream", keys.deferred_stream() if admitted.deferred
-                    else keys.engine_stream(job.stages[0].engine, tier))
         return Accepted(job)
+
+    async def _admit(self, asked: Route, snapshot: Snapshot, job_id: str, tier: str,
+                     idempotency_key: str | None, lora: LoraRequest | None,
+                     make_job: Callable[[Route, list[StageRecord], Admitted], Job],
+                     ) -> tuple[Job, Admitted]:
+        """Accept the job on ``asked``, or where its ``on_full`` sends it when it is full.
+
+        Each try is one atomic accept that checks the route's bound itself, so concurrent
+        submits never push a route past ``max_queue``.
+        """
+        policy = snapshot.policy
+        admitted, seen = Admitted(asked, Outcome.accepted), {asked.name}
+        while True:
+            route = admitted.route
+            self._check_lora_base(lora, route, policy)
+            job = make_job(route, await self._stage_records(route, snapshot, job_id), admitted)
+            created = await self.transitions.create(
+                self._accept_change(job, asked, admitted, idempotency_key),
+                bound=None if admitted.deferred else self.admission.bound(route))
+            if created.created:
+                return job, admitted
+            assert created.full_at is not None
+            admitted = await self.admission.when_full(policy, asked, route, tier=tier,
+                                                      inflight=created.full_at, seen=seen)
+
+    def _new_job(self, job_id: str, req: ImageRequest, route: Route,
+                 stages: list[StageRecord], admitted: Admitted, *, tenant: str, tier: str,
+                 lora: LoraRequest | None, width: int, height: int) -> Job:
+        policy = self.live.snapshot.policy
+        return Job(
+            id=job_id,
+            intent=req.intent.value,
+            route=route.name,
+            degraded_from=admitted.degraded_from,
+            policy_version=policy.version_id,
+            request=JobRequest(
+                prompt=req.prompt, negative_prompt=req.negative_prompt, width=width,
+                height=height, n=req.n,
+                seed=req.seed if req.seed is not None else secrets.randbelow(2**31),
+                mode=req.mode.value, strength=req.strength, lora=lora,
+                text=req.expected_text(), tier=tier, tenant=tenant, metadata=req.metadata,
+                has_image=req.image is not None, has_mask=req.mask is not None,
+            ),
+            stages=stages,
+            trace_id=current_trace_id(),
+            trace_context=current_carrier(),
+            # a deferred job's deadline starts when it is released
+            deadline_ms=None if admitted.deferred else now_ms() + int(route.timeout_s * 1000),
+        )
+
+    def _accept_change(self, job: Job, asked: Route, admitted: Admitted,
+                       idempotency_key: str | None) -> Change:
+        """The accepted job: its first stage entry, or a deferred entry, and counters."""
+        change = Change(job)
+        if admitted.deferred:
+            change.effects.xadd(keys.deferred_stream(), {"job": job.id})
+            kind = "deferred"
+        else:
+            change.enqueue(0)
+            kind = "queued"
+        change.event(kind, route=job.route, stage=0, engine=job.stages[0].engine,
+                     degraded_from=job.degraded_from)
+        route_counters.on_accept(change.effects, job.route)
+        record_outcome(change.effects, route=asked.name, tier=job.request.tier,
+                       outcome=admitted.outcome)
+        if idempotency_key is not None:
+            self.idempotency.commit(change.effects, job.request.tenant, idempotency_key,
+                                    job.id)
+        return change
 
     def _resolve_lora(self, req: ImageRequest, errors: list[FieldError]
                       ) -> LoraRequest | None:
@@ -202,7 +252,7 @@ class Submitter:
         """One record per stage; a stage whose engine's circuit is open goes to the first
         of its ``fallback`` engines whose circuit is closed (recorded as ``fallback_from``)."""
         records = []
-        for i, stage in enumerate(route.stages):
+        for stage in route.stages:
             engine = await self._available_engine(stage, snapshot.policy)
             spec = snapshot.policy.engines[engine]
             model = spec.model if spec.is_local_model else None
@@ -210,7 +260,6 @@ class Submitter:
                 engine=engine,
                 model=model,
                 model_version=snapshot.model_version(model, job_id) if model else None,
-                status=StageStatus.queued if i == 0 else StageStatus.pending,
                 fallback_from=stage.engine if engine != stage.engine else None,
             ))
         return records
@@ -225,23 +274,3 @@ class Submitter:
         tried = ", ".join((stage.engine, *stage.fallback))
         raise NoEngine(f"engine {stage.engine}: circuit open and no fallback engine is "
                        f"available (tried: {tried})")
-
-    async def _enqueue(self, job: Job, asked: Route, admitted: Admitted,
-                       idempotency_key: str | None) -> None:
-        """Write the accepted job: its first stage entry, or a deferred entry, and counters."""
-        async with self.redis.pipeline(transaction=True) as pipe:
-            if admitted.deferred:
-                pipe.xadd(keys.deferred_stream(), {"job": job.id})
-                kind = "deferred"
-            else:
-                enqueue_stage(pipe, job, 0)
-                kind = "queued"
-            pipe.set(keys.job(job.id), job.model_dump_json(), ex=self.job_ttl_s, nx=True)
-            add_event(pipe, job.id, kind, route=job.route, stage=0,
-                      engine=job.stages[0].engine, degraded_from=job.degraded_from)
-            route_counters.on_accept(pipe, job.route)
-            record_outcome(pipe, route=asked.name, tier=job.request.tier,
-                           outcome=admitted.outcome)
-            if idempotency_key is not None:
-                self.idempotency.commit(pipe, job.request.tenant, idempotency_key, job.id)
-            await pipe.execute()

@@ -2,19 +2,28 @@
 
 Workers publish each finished job record on ``JOB_DONE_CHANNEL``; this process keeps one
 subscription and resolves the futures of the requests waiting on those ids, so a waiting
-request costs no polling round trips.
+request costs no round trip: it registers its job id before the job is accepted, and the
+publication carries the finished record::
+
+    job_id = new_job_id()
+    with waiters.waiting(job_id) as ended:
+        accepted = await submitter.submit(request, job_id=job_id)
+        job = await waiters.until_final(accepted, ended, jobs, timeout_s=10)
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import redis.asyncio as aioredis
 
 from controlplane import keys
-from controlplane.jobs import Job
+from controlplane.jobs import Job, JobStore
 from controlplane.pubsub import follow
+from router.submit import Accepted
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +50,34 @@ class JobWaiters:
         future: asyncio.Future[Job] = asyncio.get_running_loop().create_future()
         self._waiting.setdefault(job_id, []).append(future)
         return future
+
+    @contextmanager
+    def waiting(self, job_id: str) -> Iterator[asyncio.Future[Job]]:
+        """A future for ``job_id``'s end, registered for the block."""
+        future = self.register(job_id)
+        try:
+            yield future
+        finally:
+            self.forget(job_id, future)
+
+    async def until_final(self, accepted: Accepted, ended: asyncio.Future[Job],
+                          jobs: JobStore, *, timeout_s: float) -> Job:
+        """The job once it has ended (TimeoutError after ``timeout_s``).
+
+        ``ended`` was registered before the accept; a job accepted earlier under the same
+        Idempotency-Key has another id and may have ended before anyone listened, so it
+        is registered now and read once.
+        """
+        job = accepted.job
+        if job.status.is_final:
+            return job
+        if not accepted.replayed:
+            return await asyncio.wait_for(asyncio.shield(ended), timeout=timeout_s)
+        with self.waiting(job.id) as original:
+            current = await jobs.get(job.id)
+            if current.status.is_final:
+                return current
+            return await asyncio.wait_for(asyncio.shield(original), timeout=timeout_s)
 
     def forget(self, job_id: str, future: asyncio.Future[Job]) -> None:
         futures = self._waiting.get(job_id, [])

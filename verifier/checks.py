@@ -5,9 +5,9 @@ from __future__ import annotations
 from PIL import Image
 
 from controlplane.policy import Verify
+from controlplane.verification import Verification, VerificationStatus
 from verifier.quality import check_quality
 from verifier.typography import check_typography
-from verifier.verdict import Verification, VerificationStatus
 
 
 def check_image(

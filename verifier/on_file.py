@@ -8,8 +8,8 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from controlplane.policy import Verify
+from controlplane.verification import Verification, VerificationStatus
 from verifier.checks import check_image
-from verifier.verdict import Verification, VerificationStatus
 
 EXIT_PASSED = 0
 EXIT_FAILED = 1

@@ -4,11 +4,16 @@ reset of a job that is regenerated with a new seed."""
 
 from __future__ import annotations
 
-from typing import Any
-
 from controlplane.jobs import Job, JobStatus, StageRecord, StageStatus, now_ms, utc_now
 from controlplane.policy import OnFail, Verify
-from verifier.verdict import Action, Verification, VerificationStatus
+from controlplane.verification import (
+    Action,
+    ImageVerdict,
+    JobVerification,
+    Verification,
+    VerificationAttempt,
+    VerificationStatus,
+)
 
 #: seed offset between generation attempts (a prime, so attempts' seeds for the n images of
 #: a request, ``seed + i``, never collide with another attempt's)
@@ -42,20 +47,12 @@ def decide_action(status: VerificationStatus, verify: Verify | None, *,
 
 
 def attempt_record(verdict: Verification, *, per_image: list[Verification], seed: int,
-                   error: str | None) -> dict[str, Any]:
+                   error: str | None) -> VerificationAttempt:
     """One attempt's verdict as stored in the job's history and shown in ``attempts``."""
-    record = verdict.model_dump(mode="json")
-    record.update(seed=seed, verified_at=utc_now(),
-                  images=[{"index": i, **v.model_dump(mode="json", include={
-                      "status", "typography", "quality"})} for i, v in enumerate(per_image)])
-    if error is not None:
-        record["error"] = error
-    return record
-
-
-def verification_body(record: dict[str, Any], history: list[dict[str, Any]]) -> dict[str, Any]:
-    """The job's ``verification``: the latest attempt's verdict plus every attempt's."""
-    return {**record, "attempts": [*history, record]}
+    return VerificationAttempt(
+        **verdict.model_dump(), seed=seed, verified_at=utc_now(), error=error,
+        images=[ImageVerdict(index=i, status=v.status, typography=v.typography,
+                             quality=v.quality) for i, v in enumerate(per_image)])
 
 
 def next_seed(seed: int) -> int:
@@ -63,7 +60,7 @@ def next_seed(seed: int) -> int:
 
 
 def reset_for_regeneration(job: Job, *, seed: int, timeout_s: float,
-                           attempts: list[dict[str, Any]]) -> None:
+                           attempts: list[VerificationAttempt]) -> None:
     """Turn a completed job back into a queued one that generates again with ``seed``.
 
     Stages keep their engine, model and version (the attempt is compared like for like);
@@ -80,5 +77,5 @@ def reset_for_regeneration(job: Job, *, seed: int, timeout_s: float,
     job.stages = [StageRecord(engine=s.engine, model=s.model, model_version=s.model_version,
                               fallback_from=s.fallback_from, status=StageStatus.pending)
                   for s in job.stages]
-    job.verification = {"status": VerificationStatus.pending.value,
-                        "attempt": len(attempts) + 1, "attempts": attempts}
+    job.verification = JobVerification(status=VerificationStatus.pending,
+                                       attempt=len(attempts) + 1, attempts=attempts)

@@ -7,7 +7,7 @@ import numpy as np
 from PIL import Image
 
 from controlplane.policy import Verify
-from verifier.verdict import Limit, Metric, Quality
+from controlplane.verification import Limit, Metric, Quality
 
 # Sharpness is measured on the image resized so its long side is this many pixels, which
 # makes one threshold fit every output size (a Laplacian's variance falls as the same

@@ -23,7 +23,7 @@ from PIL import Image
 from rapidocr import RapidOCR
 from rapidocr.utils.output import RapidOCROutput
 
-from verifier.verdict import Typography
+from controlplane.verification import Typography
 
 # The detector sees the image with its long side at most this many pixels; recognition
 # still reads crops from the full-resolution image. On 1024² images, one core

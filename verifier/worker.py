@@ -2,10 +2,11 @@
 
 One entry's life: read (or reclaim from a dead verifier after ``claim_idle_ms``) → load the
 job and its route's ``verify`` block → check every final image (OCR in a thread, so the
-loop stays responsive) → commit in one transaction: the job's ``verification``, the
-attempt's verdict in the job's history, a ``verified`` event, per-model-version verdict
+loop stays responsive) → commit in one transition: the job's ``verification`` with the
+attempt's verdict in its history, a ``verified`` event, per-model-version verdict
 counters, a regeneration when the route asks for one, and the acknowledgement. An entry is
-acknowledged only with its verdict, so a verifier killed mid-check loses nothing.
+acknowledged only with its verdict, so a verifier killed mid-check loses nothing; an
+attempt is named by its number, so a verdict is never recorded twice.
 
 A process checks one image at a time; run several verifier processes to verify faster.
 """
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -23,7 +23,6 @@ from typing import Any
 import redis.asyncio as aioredis
 from opentelemetry.trace import SpanKind
 from PIL import Image
-from redis.asyncio.client import Pipeline
 
 from controlplane import keys, route_counters
 from controlplane.artifacts import ArtifactStore
@@ -31,9 +30,15 @@ from controlplane.errors import NotFound
 from controlplane.jobs import Job, JobStatus, JobStore
 from controlplane.policy import Policy, Route, Verify
 from controlplane.policy_store import PolicyStore
-from controlplane.stage_messages import add_event, enqueue_stage
 from controlplane.stage_sizes import stage_size
 from controlplane.telemetry import context_from, tracer
+from controlplane.transitions import Change, Transitions
+from controlplane.verification import (
+    Action,
+    JobVerification,
+    Verification,
+    VerificationStatus,
+)
 from controlplane.version_stats import record_verdict
 from verifier.checks import check_image
 from verifier.outcome import (
@@ -42,10 +47,8 @@ from verifier.outcome import (
     job_verdict,
     next_seed,
     reset_for_regeneration,
-    verification_body,
 )
 from verifier.typography import ocr_engine
-from verifier.verdict import Action, Verification, VerificationStatus
 
 log = logging.getLogger(__name__)
 _tracer = tracer("laneway.verifier")
@@ -74,7 +77,8 @@ class Verifier:
     def __init__(self, redis: aioredis.Redis, options: VerifierOptions) -> None:
         self.redis = redis
         self.options = options
-        self.jobs = JobStore(redis, ttl_s=options.job_ttl_s)
+        self.jobs = JobStore(redis)
+        self.transitions = Transitions(redis, job_ttl_s=options.job_ttl_s)
         self.policies = PolicyStore(redis)
         self._policy_cache: dict[str, Policy] = {}
         self._stopping = asyncio.Event()
@@ -159,7 +163,7 @@ class Verifier:
             return
         policy = await self._policy_of(job)
         route = route_named(policy, job.route)
-        attempt = await self.redis.llen(keys.job_verdicts(job.id)) + 1
+        attempt = len(job.verification.attempts) + 1
         with _tracer.start_as_current_span(
             "laneway.verify", context=context_from(job.trace_context), kind=SpanKind.CONSUMER,
             attributes={"laneway.job_id": job.id, "laneway.route": job.route,
@@ -169,7 +173,7 @@ class Verifier:
             checked = await loop.run_in_executor(
                 self._executor, self._check, job, policy, route)
             span.set_attribute("laneway.verdict", checked.verdict.status.value)
-        await self._commit(job.id, entry_id, checked, route, attempt)
+        await self._commit(job, entry_id, checked, route, attempt)
 
     async def _policy_of(self, job: Job) -> Policy | None:
         """The policy version the job was routed with (cached; None if it is gone)."""
@@ -214,67 +218,60 @@ class Verifier:
             return Checked(failed, [failed], "the job has no images")
         return Checked(job_verdict(per_image), per_image)
 
-    async def _commit(self, job_id: str, entry_id: bytes, checked: Checked,
+    async def _commit(self, job: Job, entry_id: bytes, checked: Checked,
                       route: Route | None, attempt: int) -> None:
-        """Store the verdict, act on it, count it and acknowledge, in one transaction."""
+        """Store the verdict, act on it, count it and acknowledge, in one transition."""
         verify = route.verify if route is not None else None
-        key, history_key = keys.job(job_id), keys.job_verdicts(job_id)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            while True:
-                try:
-                    await pipe.watch(key, history_key)
-                    raw = await pipe.get(key)
-                    job = None if raw is None else Job.model_validate_json(raw)
-                    history = [json.loads(r) for r in await pipe.lrange(history_key, 0, -1)]
-                    pipe.multi()
-                    if job is not None and awaits_verdict(job) and len(history) + 1 == attempt:
-                        self._write_verdict(pipe, job, checked, route, verify, history)
-                    _ack_in(pipe, entry_id)
-                    await pipe.execute()
-                    break
-                except aioredis.WatchError:
-                    continue
+
+        def plan(current: Job) -> Change | None:
+            if not awaits_verdict(current) or len(current.verification.attempts) + 1 != attempt:
+                return None  # verified meanwhile (a reclaimed entry), or no longer pending
+            change = Change(current)
+            change.effects.xack(keys.VERIFY_STREAM, keys.VERIFY_GROUP, entry_id)
+            change.effects.xdel(keys.VERIFY_STREAM, entry_id)
+            self._write_verdict(change, checked, route, verify, attempt)
+            return change
+
+        try:
+            applied = await self.transitions.apply(job, f"verdict:{attempt}", plan)
+        except NotFound:
+            applied = None
+        if applied is None or not applied.changed:
+            await self._ack(entry_id)
+            return
         self.acknowledged += 1
 
-    def _write_verdict(self, pipe: Pipeline, job: Job, checked: Checked, route: Route | None,
-                       verify: Verify | None, history: list[dict[str, Any]]) -> None:
-        attempt = len(history) + 1
+    def _write_verdict(self, change: Change, checked: Checked, route: Route | None,
+                       verify: Verify | None, attempt: int) -> None:
+        job = change.job
         action = decide_action(checked.verdict.status, verify, attempt=attempt)
         verdict = checked.verdict.model_copy(update={"action": action, "attempt": attempt})
         record = attempt_record(verdict, per_image=checked.per_image, seed=job.request.seed,
                                 error=checked.error)
-        job.verification = verification_body(record, history)
-        ttl_s = self.options.job_ttl_s
-        pipe.rpush(keys.job_verdicts(job.id), json.dumps(record, separators=(",", ":")))
-        pipe.expire(keys.job_verdicts(job.id), ttl_s)
+        job.verification = JobVerification.after(record, job.verification.attempts)
         if verdict.status is not VerificationStatus.skipped:
             for stage in job.stages:
                 if stage.model and stage.model_version:
-                    record_verdict(pipe, stage.model, stage.model_version,
+                    record_verdict(change.effects, stage.model, stage.model_version,
                                    passed=verdict.status is VerificationStatus.passed)
-        add_event(pipe, job.id, "verified", status=verdict.status.value, action=action.value,
-                  attempt=attempt, failed_metrics=failed_metrics(verdict))
+        change.event("verified", status=verdict.status.value, action=action.value,
+                     attempt=attempt, failed_metrics=failed_metrics(verdict))
         if action is Action.regenerated:
             assert route is not None  # a regenerate action needs the route's verify block
             seed = next_seed(job.request.seed)
             reset_for_regeneration(job, seed=seed, timeout_s=route.timeout_s,
-                                   attempts=job.verification["attempts"])
-            enqueue_stage(pipe, job, 0)
-            route_counters.on_accept(pipe, job.route)
-            add_event(pipe, job.id, "queued", route=job.route, stage=0,
-                      engine=job.stages[0].engine, attempt=attempt + 1, seed=seed)
-        pipe.set(keys.job(job.id), job.model_dump_json(), ex=ttl_s)
+                                   attempts=job.verification.attempts)
+            change.enqueue(0)
+            route_counters.on_accept(change.effects, job.route)
+            change.event("queued", route=job.route, stage=0, engine=job.stages[0].engine,
+                         attempt=attempt + 1, seed=seed)
 
     async def _ack(self, entry_id: bytes) -> None:
         async with self.redis.pipeline(transaction=True) as pipe:
-            _ack_in(pipe, entry_id)
+            pipe.xack(keys.VERIFY_STREAM, keys.VERIFY_GROUP, entry_id)
+            pipe.xdel(keys.VERIFY_STREAM, entry_id)
             await pipe.execute()
         self.acknowledged += 1
-
-
-def _ack_in(pipe: Pipeline, entry_id: bytes) -> None:
-    pipe.xack(keys.VERIFY_STREAM, keys.VERIFY_GROUP, entry_id)
-    pipe.xdel(keys.VERIFY_STREAM, entry_id)
 
 
 def final_size(job: Job, policy: Policy, route: Route) -> tuple[int, int]:
@@ -298,7 +295,7 @@ def route_named(policy: Policy | None, name: str) -> Route | None:
 
 def awaits_verdict(job: Job) -> bool:
     """A completed job whose verification is pending (anything else is a stale entry)."""
-    return job.status is JobStatus.completed and job.verification.get("status") == "pending"
+    return job.status is JobStatus.completed and job.verification.pending
 
 
 def failed_metrics(verdict: Verification) -> list[str]:

@@ -46,7 +46,7 @@ async def test_a_25_percent_canary_gets_about_a_quarter_of_jobs_sticky_per_job(
     submitter = Submitter(redis, live, ArtifactStore(tmp_path), 3600)
     jobs = [(await submitter.submit(ImageRequest(prompt="a lighthouse"))).job
             for _ in range(200)]
-    stored = [await JobStore(redis, ttl_s=3600).get(job.id) for job in jobs]
+    stored = [await JobStore(redis).get(job.id) for job in jobs]
     versions = [job.stages[0].model_version for job in stored]
     share = versions.count("2") / len(versions)
     assert 0.15 <= share <= 0.35, share

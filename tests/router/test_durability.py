@@ -36,7 +36,7 @@ async def test_server_restart_between_submit_and_dispatch_loses_no_job(
         url = await asyncio.to_thread(server.start)
         assert not server.reused
         redis = aioredis.Redis.from_url(url)
-        jobs = JobStore(redis, ttl_s=3600)
+        jobs = JobStore(redis)
         assert await redis.xlen(keys.engine_stream("turbo", "standard")) == 1
         assert await redis.xlen(keys.engine_stream("base", "standard")) == 1
         assert await redis.get(keys.idempotency("default", "keep-me")) == draft["id"].encode()

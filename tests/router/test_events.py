@@ -7,12 +7,13 @@ import json
 
 import pytest
 
-from controlplane.jobs import JobStatus, JobStore
+from controlplane.jobs import Event, Job, JobStatus, JobStore
 from controlplane.policy import Policy
 from controlplane.policy_loader import load_policy
-from controlplane.stage_messages import add_event
+from controlplane.verification import JobVerification, VerificationStatus
 from router.job_events import job_event_messages
 from tests.conftest import POLICIES
+from tests.job_edits import edit_job
 from tests.router.conftest import RouterFactory
 
 
@@ -57,18 +58,16 @@ async def test_live_stream_shows_queued_dispatched_completed_in_order(
 async def test_stream_waits_for_a_pending_verification(make_router: RouterFactory,
                                                        policy: Policy) -> None:
     async with make_router(policy) as router:
-        jobs = JobStore(router.redis, ttl_s=3600)
+        jobs = JobStore(router.redis)
         job_ids = [(await router.submit(intent="draft")).json()["id"] for _ in range(2)]
         for job_id in job_ids:  # completed with verification pending, as a worker leaves it
-            def complete(job) -> None:  # noqa: ANN001
+            def complete(job: Job) -> None:
                 job.transition(JobStatus.running)
                 job.transition(JobStatus.completed)
-                job.verification = {"status": "pending"}
+                job.verification = JobVerification(status=VerificationStatus.pending)
 
-            await jobs.update(job_id, complete)
-            async with router.redis.pipeline(transaction=False) as pipe:
-                add_event(pipe, job_id, "completed", status="completed")
-                await pipe.execute()
+            await edit_job(router.redis, job_id, complete,
+                           events=(Event("completed", {"status": "completed"}),))
 
         async def kinds(job_id: str, verified_wait_s: float) -> list[str]:
             messages = await job_event_messages(router.redis, jobs, job_id,
@@ -78,10 +77,11 @@ async def test_stream_waits_for_a_pending_verification(make_router: RouterFactor
         verified_later = asyncio.create_task(kinds(job_ids[0], 30))
         await asyncio.sleep(0.3)
         assert not verified_later.done()  # held open after `completed`
-        await jobs.update(job_ids[0], lambda job: job.verification.update(status="passed"))
-        async with router.redis.pipeline(transaction=False) as pipe:
-            add_event(pipe, job_ids[0], "verified", status="passed")
-            await pipe.execute()
+        def passed(job: Job) -> None:
+            job.verification = JobVerification(status=VerificationStatus.passed)
+
+        await edit_job(router.redis, job_ids[0], passed,
+                       events=(Event("verified", {"status": "passed"}),))
         assert await asyncio.wait_for(verified_later, 10) == [
             "state", "queued", "completed", "verified"]
 

@@ -3,9 +3,9 @@ from __future__ import annotations
 from PIL import Image
 
 from controlplane.policy import Verify
+from controlplane.verification import Action, VerificationStatus
 from tests.verifier.conftest import poster
 from verifier.checks import check_image
-from verifier.verdict import Action, VerificationStatus
 
 
 def test_both_checks_pass() -> None:

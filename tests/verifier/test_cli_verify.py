@@ -9,10 +9,10 @@ import pytest
 from typer.testing import CliRunner
 
 from controlplane.policy import OnFail, Verify
+from controlplane.verification import Action, VerificationStatus
 from laneway.cli import app
 from tests.verifier.conftest import poster
 from verifier.outcome import decide_action
-from verifier.verdict import Action, VerificationStatus
 
 PHRASE = "Fresh Coffee Daily"
 runner = CliRunner()

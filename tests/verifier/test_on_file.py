@@ -7,9 +7,9 @@ import pytest
 from PIL import Image
 
 from controlplane.policy import Verify
+from controlplane.verification import Verification, VerificationStatus
 from tests.verifier.conftest import poster
 from verifier.on_file import run
-from verifier.verdict import Verification, VerificationStatus
 
 
 @pytest.fixture(scope="module")

@@ -30,8 +30,10 @@ from controlplane.jobs import (
 )
 from controlplane.policy import Policy
 from controlplane.policy_store import PolicyStore
+from controlplane.verification import JobVerification, VerificationStatus
 from controlplane.version_stats import read_stats
 from router.submit import new_job_id
+from tests.job_edits import edit_job
 from tests.verifier.conftest import poster
 from tests.verifier.test_quality import numpy_to_pil
 from verifier.outcome import REGENERATE_SEED_STEP
@@ -57,7 +59,7 @@ class Fixture:
     def __init__(self, redis: aioredis.Redis, artifacts: ArtifactStore) -> None:
         self.redis = redis
         self.artifacts = artifacts
-        self.jobs = JobStore(redis, ttl_s=3600)
+        self.jobs = JobStore(redis)
 
     async def completed_job(self, route: str, images: list[Image.Image], *,
                             text: list[str], seed: int = 7) -> Job:
@@ -85,10 +87,12 @@ class Fixture:
             j.images = [ImageRef(index=i, url=f"/v1/jobs/{j.id}/images/{i}", width=im.width,
                                  height=im.height, seed=j.request.seed + i)
                         for i, im in enumerate(images)]
-            j.verification = {"status": "pending"}  # what the worker writes on completion
+            # what the worker writes on completion (earlier attempts stay in the history)
+            j.verification = j.verification.model_copy(
+                update={"status": VerificationStatus.pending})
             j.transition(JobStatus.completed)
 
-        job = await self.jobs.update(job.id, change)
+        job = await edit_job(self.redis, job.id, change)
         await self.redis.xadd(keys.VERIFY_STREAM, {"job": job.id})
         return job
 
@@ -111,6 +115,10 @@ class Fixture:
             await task
         return verifier
 
+    async def verification(self, job_id: str) -> dict:
+        """The job's ``verification`` as clients see it."""
+        return (await self.jobs.get(job_id)).public()["verification"]
+
     async def events(self, job_id: str) -> list[tuple[str, dict]]:
         entries = await self.redis.xrange(keys.job_events(job_id))
         return [(f[b"kind"].decode(), json.loads(f[b"data"])) for _, f in entries]
@@ -131,7 +139,7 @@ async def test_job_showing_the_requested_text_passes(fx: Fixture) -> None:
     job = await fx.completed_job("flagging", [poster(PHRASE)], text=[PHRASE])
     await fx.verify(1)
     job = await fx.jobs.get(job.id)
-    verification = job.verification
+    verification = job.public()["verification"]
     assert job.status is JobStatus.completed
     assert verification["status"] == "passed" and verification["action"] == "none"
     typography = verification["typography"]
@@ -155,7 +163,7 @@ async def test_wrong_or_missing_text_fails_and_is_flagged(fx: Fixture, shown: st
     job = await fx.completed_job("flagging", [poster(shown)], text=[PHRASE])
     await fx.verify(1)
     job = await fx.jobs.get(job.id)
-    verification = job.verification
+    verification = job.public()["verification"]
     assert verification["status"] == "failed"
     assert verification["action"] == "flagged"
     typography = verification["typography"]
@@ -192,8 +200,8 @@ async def test_bad_frames_fail_the_quality_gate_with_the_metric_named(
         fx: Fixture, image: Image.Image, metric: str) -> None:
     job = await fx.completed_job("quality_only", [image], text=[])
     await fx.verify(1)
-    verification = (await fx.jobs.get(job.id)).verification
-    assert verification["status"] == "failed" and verification["typography"] is None
+    verification = await fx.verification(job.id)
+    assert verification["status"] == "failed" and "typography" not in verification
     metrics = verification["quality"]["metrics"]
     assert not metrics[metric]["passed"]
     assert metrics[metric]["threshold"] > 0 and metrics[metric]["limit"] == "min"
@@ -205,7 +213,7 @@ async def test_one_bad_image_fails_the_job_and_each_image_is_reported(fx: Fixtur
     job = await fx.completed_job("quality_only", [poster("Grand Opening").resize((256, 256)),
                                                   Image.new("RGB", (256, 256))], text=[])
     await fx.verify(1)
-    verification = (await fx.jobs.get(job.id)).verification
+    verification = await fx.verification(job.id)
     assert verification["status"] == "failed"
     assert [i["status"] for i in verification["images"]] == ["passed", "failed"]
 
@@ -222,9 +230,9 @@ async def test_regenerate_queues_a_new_attempt_with_a_new_seed_up_to_max_attempt
     ((_, entry),) = await fx.redis.xrange(keys.engine_stream("base", "standard"))
     assert entry[b"job"].decode() == job.id and entry[b"stage"] == b"0"
     assert int(await fx.redis.get(keys.route_inflight("regenerating"))) == 1
-    assert job.verification["status"] == "pending" and job.verification["attempt"] == 2
-    (first,) = job.verification["attempts"]
-    assert (first["status"], first["action"], first["seed"]) == ("failed", "regenerated", 41)
+    assert job.verification.pending and job.verification.attempt == 2
+    (first,) = job.verification.attempts
+    assert (first.status, first.action, first.seed) == ("failed", "regenerated", 41)
 
     # attempt 2 (the worker completes it again) fails too: max_attempts reached, flagged
     job.transition(JobStatus.running)
@@ -232,7 +240,7 @@ async def test_regenerate_queues_a_new_attempt_with_a_new_seed_up_to_max_attempt
     await fx.verify(1)
     job = await fx.jobs.get(job.id)
     assert job.status is JobStatus.completed
-    verification = job.verification
+    verification = job.public()["verification"]
     assert (verification["status"], verification["action"]) == ("failed", "flagged")
     assert verification["attempt"] == 2
     assert [(a["attempt"], a["action"], a["seed"]) for a in verification["attempts"]] == [
@@ -250,18 +258,19 @@ async def test_regenerated_attempt_that_passes_ends_the_cycle(fx: Fixture) -> No
     job.transition(JobStatus.running)
     await fx.complete(job, [poster(PHRASE)])
     await fx.verify(1)
-    verification = (await fx.jobs.get(job.id)).verification
+    verification = await fx.verification(job.id)
     assert (verification["status"], verification["action"]) == ("passed", "none")
     assert [a["status"] for a in verification["attempts"]] == ["failed", "passed"]
 
 
 async def test_stale_entries_are_acknowledged_without_a_verdict(fx: Fixture) -> None:
     job = await fx.completed_job("flagging", [poster(PHRASE)], text=[PHRASE])
-    await fx.jobs.update(job.id, lambda j: j.verification.update(status="passed"))
+    await edit_job(fx.redis, job.id, lambda j: setattr(
+        j, "verification", JobVerification(status=VerificationStatus.passed)))
     await fx.redis.xadd(keys.VERIFY_STREAM, {"job": "j_gone"})
     await fx.verify(2)
     assert await fx.events(job.id) == []
-    assert await fx.redis.llen(keys.job_verdicts(job.id)) == 0
+    assert (await fx.jobs.get(job.id)).verification.attempts == []
     assert await fx.pending_entries() == 0
 
 
@@ -296,18 +305,18 @@ async def test_killed_verifier_loses_nothing_another_reclaims_the_entry(
     finally:
         if first.poll() is None:
             first.kill()
-    assert (await fx.jobs.get(job.id)).verification == {"status": "pending"}
+    assert await fx.verification(job.id) == {"status": "pending"}
     assert await fx.pending_entries() == 1
 
     second = _start_verifier(redis_url, fx.artifacts.root, log)
     try:
         async def verdict_stored() -> bool:
-            return (await fx.jobs.get(job.id)).verification["status"] != "pending"
+            return (await fx.verification(job.id))["status"] != "pending"
         await _wait_for(verdict_stored, "the second verifier's verdict")
     finally:
         second.send_signal(signal.SIGTERM)
         assert second.wait(timeout=30) == 0, log.read_text()
-    verification = (await fx.jobs.get(job.id)).verification
+    verification = await fx.verification(job.id)
     assert verification["status"] == "passed" and len(verification["images"]) == 4
     assert len(verification["attempts"]) == 1
     assert await fx.pending_entries() == 0
