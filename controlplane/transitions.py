@@ -9,10 +9,11 @@ when there is nothing to do (the job ended meanwhile, the stage was taken over).
 The script (:data:`SCRIPT`, loaded once and called by SHA) writes all of it only while the
 record is still at revision N, and remembers the call's transition id (its name, N and a
 token of the call) with the job, so the same call sent again after a lost reply changes
-nothing: never a second entry, count or event. A record that moved on comes back with the refusal, and the plan runs
-again on it, at most ``MAX_PLANS`` times. One call is one round trip::
+nothing: never a second entry, count or event. A record that moved on comes back with
+the refusal, and the plan runs again on it, at most ``MAX_PLANS`` times. One call is one
+round trip::
 
-    applied = await transitions.apply(job, f"start:{stage}:{attempt}", plan)
+    applied = await transitions.apply(job, f"start:{stage}", plan)
 """
 
 from __future__ import annotations
