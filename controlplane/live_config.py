@@ -28,7 +28,8 @@ class Snapshot:
     policy: Policy
     deployments: dict[str, Deployment] = field(default_factory=dict)
 
-    def model_version(self, model: str, job_id: str) -> str | None:
+    def pick_model_version(self, model: str, job_id: str) -> str | None:
+        """Stable or canary version of ``model`` for a job (weighted, sticky on its id)."""
         deployment = self.deployments.get(model)
         return deployment.pick(job_id) if deployment else None
 

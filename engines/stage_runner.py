@@ -312,7 +312,7 @@ class StageRunner:
                 continue
             spec = work.policy.engines[name]
             model = spec.model if spec.is_local_model else None
-            version = self.live.snapshot.model_version(model, work.job.id) if model else None
+            version = self.live.snapshot.pick_model_version(model, work.job.id) if model else None
             await self.outcomes.reroute(work.entry, work.job, work.attempt, engine=name,
                                         model=model,
                                         model_version=version, reason=describe(exc))

@@ -259,7 +259,7 @@ class Submitter:
             records.append(StageRecord(
                 engine=engine,
                 model=model,
-                model_version=snapshot.model_version(model, job_id) if model else None,
+                model_version=snapshot.pick_model_version(model, job_id) if model else None,
                 fallback_from=stage.engine if engine != stage.engine else None,
             ))
         return records
