@@ -15,7 +15,7 @@ from looking abandoned, and :meth:`LaneReader.release_held` puts them back on st
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -34,6 +34,8 @@ class Entry:
     entry_id: bytes
     tier: str
     message: StageMessage
+    #: taken over from a consumer that went silent: the record it carries may be stale
+    reclaimed: bool = False
 
 
 @dataclass
@@ -163,7 +165,8 @@ class LaneReader:
             _, entries, _ = await self.redis.xautoclaim(
                 stream, keys.ENGINE_GROUP, self.consumer, min_idle_time=min_idle_ms,
                 start_id="0-0", count=count - len(claimed))
-            claimed.extend(_entries([(stream.encode(), entries)], tier))
+            claimed.extend(replace(e, reclaimed=True)
+                           for e in _entries([(stream.encode(), entries)], tier))
             if len(claimed) >= count:
                 break
         return claimed

@@ -141,8 +141,9 @@ class StageRunner:
         return policy
 
     async def _job_of(self, entry: Entry) -> Job:
-        """The job as its entry was queued with (no read), else as stored."""
-        if entry.message.record is not None:
+        """The job as its entry was queued with (no read), else as stored (a reclaimed
+        entry's record predates the start of the worker that went silent)."""
+        if entry.message.record is not None and not entry.reclaimed:
             return Job.model_validate_json(entry.message.record)
         return await self.jobs.get(entry.message.job_id)
 

@@ -127,8 +127,6 @@ class Submitter:
                 "laneway.engine": job.stages[0].engine,
                 "laneway.policy_version": policy.version_id, "laneway.tier": tier,
                 "laneway.admission": admitted.outcome.value,
-                "laneway.stream": keys.deferred_stream() if admitted.deferred
-                else keys.engine_stream(job.stages[0].engine, tier),
             })
         return Accepted(job)
 
@@ -147,9 +145,12 @@ class Submitter:
             route = admitted.route
             self._check_lora_base(lora, route, policy)
             job = make_job(route, await self._stage_records(route, snapshot, job_id), admitted)
-            created = await self.transitions.create(
-                self._accept_change(job, asked, admitted, idempotency_key),
-                bound=None if admitted.deferred else self.admission.bound(route))
+            with _tracer.start_as_current_span("laneway.enqueue") as span:
+                span.set_attribute("laneway.stream", keys.deferred_stream() if admitted.deferred
+                                   else keys.engine_stream(job.stages[0].engine, tier))
+                created = await self.transitions.create(
+                    self._accept_change(job, asked, admitted, idempotency_key),
+                    bound=None if admitted.deferred else self.admission.bound(route))
             if created.created:
                 return job, admitted
             assert created.full_at is not None
