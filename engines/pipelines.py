@@ -8,9 +8,14 @@ every part a pipeline call changes, because slots run their calls at the same ti
 - its tokenizers: a fast tokenizer keeps its padding and truncation settings on the Rust
   tokenizer and sets them before each encode. SDXL encodes a prompt padded to 77 tokens and
   then again padded to "longest", so a shared tokenizer made another slot's embeddings as
-  long as its prompt ("Expected size 77 but got size 7", issue 12). A copy is cheap.
+  long as its prompt ("Expected size 77 but got size 7", issue 12). A copy is cheap;
+- its VAE, when the VAE's config asks for ``force_upcast`` and the weights are float16 or
+  bfloat16: img2img and inpaint calls then cast the VAE to float32 around encoding and back
+  after it (float16 calls also around decoding), and a call on a shared VAE meets it in the
+  other dtype. The copy costs the VAE's memory per view (about 170 MB for SDXL's in
+  float16); a VAE that does not ask for upcasting, or float32 weights, stay shared.
 
-The UNet, text encoders and VAE stay shared.
+The UNet and text encoders are only read by a call and stay shared.
 
 LoRA adapters are state on the shared modules, so engines sharing weights share one
 :class:`~engines.adapters.AdapterCache` and one :class:`SharedLock`: runs without an adapter
@@ -164,8 +169,10 @@ def release(entry: Loaded) -> None:
 
 def changed_by_calls(name: str, component: Any) -> bool:
     """Whether a pipeline call changes ``component`` (see the module docstring)."""
-    return (name.endswith("scheduler")
-            or isinstance(component, transformers.PreTrainedTokenizerBase))
+    if name.endswith("scheduler") or isinstance(component, transformers.PreTrainedTokenizerBase):
+        return True
+    return (name == "vae" and getattr(component.config, "force_upcast", False)
+            and component.dtype != torch.float32)
 
 
 def view(entry: Loaded, pipeline_class: Any) -> Pipeline:

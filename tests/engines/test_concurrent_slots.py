@@ -98,18 +98,19 @@ def test_text2image_slots_run_at_once(make_engine: EngineMaker) -> None:
     assert errors == [], f"{len(errors)} of {15 * 3} calls failed: {errors[:3]}"
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_text2image_image2image_and_inpaint_on_one_model_run_at_once(
-        make_engine: EngineMaker, source_image: Image.Image) -> None:
+        make_engine: EngineMaker, source_image: Image.Image, dtype: str) -> None:
+    # in bfloat16 img2img and inpaint cast a force_upcast VAE to float32 and back
     mask = Image.new("L", source_image.size, 255)
-    engines = [make_engine(kind, "tiny-sdxl", steps=2)
-               for kind in ("diffusers.text2image", "diffusers.image2image",
-                            "diffusers.inpaint", "diffusers.image2image")]
+    engines = [make_engine(kind, "tiny-sdxl", steps=2, dtype=dtype)
+               for kind in ("diffusers.text2image", "diffusers.image2image", "diffusers.inpaint")]
 
     def item(k: int) -> StageItem:
         return text_item(k, images=[source_image], mask=mask)
 
-    errors = at_once([runner(e, slot, item) for slot, e in enumerate(engines)], rounds=8)
-    assert errors == [], f"{len(errors)} of {8 * 4} calls failed: {errors[:3]}"
+    errors = at_once([runner(e, slot, item) for slot, e in enumerate(engines)], rounds=10)
+    assert errors == [], f"{len(errors)} of {10 * 3} calls failed: {errors[:3]}"
 
 
 @pytest.mark.parametrize(("kind", "model"), [
@@ -127,3 +128,12 @@ def test_views_share_weights_and_own_schedulers_and_tokenizers(make_engine: Engi
             assert two.pipe.components[name] is not component, name
         else:
             assert two.pipe.components[name] is component, name
+
+
+def test_views_of_low_precision_weights_own_a_vae_that_calls_upcast(
+        make_engine: EngineMaker) -> None:
+    t2i: Any = make_engine("diffusers.text2image", "tiny-sdxl", dtype="bfloat16")
+    i2i: Any = make_engine("diffusers.image2image", "tiny-sdxl", dtype="bfloat16")
+    assert t2i.pipe.vae.config.force_upcast
+    assert t2i.pipe.unet is i2i.pipe.unet and t2i.pipe.vae is not i2i.pipe.vae
+    assert t2i.pipe.vae.dtype == i2i.pipe.vae.dtype == torch.bfloat16
