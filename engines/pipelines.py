@@ -1,8 +1,21 @@
 """Loading diffusers pipelines from the registry, once per process, and handing out per-slot views.
 
 Weights are loaded once per (model, version, dtype, fused adapter) and shared: every engine
-gets its own pipeline object made with ``from_pipe`` and its own scheduler copy, because a
-scheduler holds per-call state and is not safe to share across concurrent calls.
+(one per worker slot) gets its own pipeline object made with ``from_pipe``, and that view owns
+every part a pipeline call changes, because slots run their calls at the same time:
+
+- its schedulers: a scheduler holds the timesteps and step index of the call in progress;
+- its tokenizers: a fast tokenizer keeps its padding and truncation settings on the Rust
+  tokenizer and sets them before each encode. SDXL encodes a prompt padded to 77 tokens and
+  then again padded to "longest", so a shared tokenizer made another slot's embeddings as
+  long as its prompt ("Expected size 77 but got size 7", issue 12). A copy is cheap;
+- its VAE, when the VAE's config asks for ``force_upcast`` and the weights are float16 or
+  bfloat16: img2img and inpaint calls then cast the VAE to float32 around encoding and back
+  after it (float16 calls also around decoding), and a call on a shared VAE meets it in the
+  other dtype. The copy costs the VAE's memory per view (about 170 MB for SDXL's in
+  float16); a VAE that does not ask for upcasting, or float32 weights, stay shared.
+
+The UNet and text encoders are only read by a call and stay shared.
 
 LoRA adapters are state on the shared modules, so engines sharing weights share one
 :class:`~engines.adapters.AdapterCache` and one :class:`SharedLock`: runs without an adapter
@@ -154,12 +167,20 @@ def release(entry: Loaded) -> None:
             del _loaded[entry.key]
 
 
+def changed_by_calls(name: str, component: Any) -> bool:
+    """Whether a pipeline call changes ``component`` (see the module docstring)."""
+    if name.endswith("scheduler") or isinstance(component, transformers.PreTrainedTokenizerBase):
+        return True
+    return (name == "vae" and getattr(component.config, "force_upcast", False)
+            and component.dtype != torch.float32)
+
+
 def view(entry: Loaded, pipeline_class: Any) -> Pipeline:
-    """A new pipeline object over ``entry``'s weights with private scheduler copies."""
-    schedulers = {name: copy.deepcopy(component)
-                  for name, component in entry.pipe.components.items()
-                  if name.endswith("scheduler")}
-    pipe = pipeline_class.from_pipe(entry.pipe, **schedulers)
+    """A new pipeline object over ``entry``'s weights with private copies of what calls change."""
+    own = {name: copy.deepcopy(component)
+           for name, component in entry.pipe.components.items()
+           if component is not None and changed_by_calls(name, component)}
+    pipe = pipeline_class.from_pipe(entry.pipe, **own)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -187,7 +208,7 @@ def generators(seed: int, count: int) -> list[torch.Generator]:
 
 
 class DiffusersEngine(Engine):
-    """An engine over a registry model: shared weights, its own pipeline view and scheduler.
+    """An engine over a registry model: shared weights, its own pipeline view (see :func:`view`).
 
     Subclasses name the model ``family``, the ``load_class`` whose weights are cached per
     process, the ``view_class`` they call, how items group into one call, and the call.

@@ -105,6 +105,27 @@ def test_tiers_share_one_slot_by_weight(api: Service) -> None:
     assert first.count("batch") >= 6
 
 
+def test_two_slots_of_one_engine_run_a_burst_of_drafts_without_a_failure(api: Service) -> None:
+    # queued before the worker starts, so both slots of `turbo` always run at once; prompts
+    # of different token lengths once met a tokenizer shared by the slots (issue 12)
+    prompts = ["tree", "a cube", "a red cube on a table", "a small blue boat on a lake at dawn"]
+    with api.client() as client:
+        ids = [submit(client, intent="draft", prompt=prompts[i % len(prompts)], seed=i)["id"]
+               for i in range(60)]
+        worker = WorkerProcess(api, "turbo").start()
+        try:
+            jobs = [wait_final(client, job_id) for job_id in ids]
+        finally:
+            assert worker.stop() == 0
+    failed = [(j["id"], j.get("error")) for j in jobs if j["status"] != "completed"]
+    assert failed == []
+    spans = sorted((datetime.fromisoformat(j["stages"][0]["started_at"]),
+                    datetime.fromisoformat(j["stages"][0]["finished_at"])) for j in jobs)
+    overlapping = sum(start < previous_end for (_, previous_end), (start, _)
+                      in zip(spans, spans[1:], strict=False))
+    assert overlapping >= len(jobs) // 2  # the two slots did run side by side
+
+
 def test_upscale_lane_batches_under_load_and_alone(api: Service,
                                                     collector: SpanCollector) -> None:
     worker = WorkerProcess(api, "turbo,x2").start()
