@@ -21,7 +21,7 @@ from controlplane.registry import Registry
 from engines.base import StageItem
 from engines.factory import build_engine
 from engines.openai_images import OpenAIImagesEngine
-from tests.engines.test_circuit import Clock
+from tests.controlplane.test_circuit import Clock
 from tests.provider import Provider, Reply
 
 API_KEY = "sk-test-1f2e3d4c5b6a-never-print-me"
