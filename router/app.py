@@ -53,8 +53,8 @@ def _http_error(_: Request, exc: HTTPException) -> Response:
     return Response(body, status_code=exc.status_code, headers=exc.headers)
 
 
-def create_app(settings: Settings | None = None) -> Litestar:
-    settings = settings or Settings()
+def create_app(settings: Settings) -> Litestar:
+    """The API against ``settings.redis_url``."""
     setup_tracing("laneway-router")
     if not settings.redis_url:
         raise RuntimeError("the API needs LANEWAY_REDIS_URL (laneway serve sets it)")
