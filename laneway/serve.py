@@ -138,8 +138,9 @@ def _serve(settings: Settings, options: ServeOptions) -> None:
 
         log.info("API on http://%s:%d (policy %s)", settings.host, settings.port,
                  policy.version_id[:19])
-        uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
-                    log_level="warning", access_log=False)
+        # tenants' keys: the variables the policy names, read from this process's environment
+        uvicorn.run(create_app(settings, secrets=os.environ), host=settings.host,
+                    port=settings.port, log_level="warning", access_log=False)
     finally:
         for child in children:
             child.send_signal(signal.SIGTERM)

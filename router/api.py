@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -38,6 +38,8 @@ AuthorizationHeader = Annotated[str | None, Parameter(header="Authorization", re
 class ApiState:
     settings: Settings
     redis: aioredis.Redis
+    #: where tenants' keys are read: ``api_key_env`` name → key (the process environment)
+    secrets: Mapping[str, str]
     live: LiveConfig
     jobs: JobStore
     waiters: JobWaiters
@@ -61,7 +63,8 @@ async def _visible_job(api: ApiState, job_id: str, authorization: str | None) ->
     """The job, if the caller may see it: with tenants, only the tenant's own (else 404)."""
     policy = api.live.snapshot.policy
     job = await api.jobs.get(job_id)
-    if policy.tenants and job.request.tenant != authenticate(policy, authorization):
+    if policy.tenants and job.request.tenant != authenticate(policy, authorization,
+                                                            secrets=api.secrets):
         raise NotFound(f"job {job_id!r} does not exist")
     return job
 
@@ -81,7 +84,7 @@ class JobsController(Controller):
         A repeated ``Idempotency-Key`` answers with the original job (header
         ``Idempotent-Replayed: true``): 200 when it has ended, else 202.
         """
-        tenant = authenticate(api.live.snapshot.policy, authorization)
+        tenant = authenticate(api.live.snapshot.policy, authorization, secrets=api.secrets)
         accepted = await api.submitter.submit(data, tenant=tenant,
                                               idempotency_key=idempotency_key)
         job = accepted.job
@@ -109,7 +112,8 @@ class JobsController(Controller):
                      authorization: AuthorizationHeader = None) -> Response[dict[str, Any]]:
         """Cancel a job; idempotent: an ended job is returned unchanged."""
         policy = api.live.snapshot.policy
-        tenant = authenticate(policy, authorization) if policy.tenants else None
+        tenant = (authenticate(policy, authorization, secrets=api.secrets)
+                  if policy.tenants else None)
         job, _ = await cancel_job(api.redis, job_id, job_ttl_s=api.settings.job_ttl_s,
                                   tenant=tenant)
         return _job_response(job)

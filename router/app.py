@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 
 import redis.asyncio as aioredis
@@ -53,8 +53,9 @@ def _http_error(_: Request, exc: HTTPException) -> Response:
     return Response(body, status_code=exc.status_code, headers=exc.headers)
 
 
-def create_app(settings: Settings) -> Litestar:
-    """The API against ``settings.redis_url``."""
+def create_app(settings: Settings, *, secrets: Mapping[str, str]) -> Litestar:
+    """The API against ``settings.redis_url``; tenants' keys are read from ``secrets``
+    (``api_key_env`` name → key: the process environment)."""
     setup_tracing("laneway-router")
     if not settings.redis_url:
         raise RuntimeError("the API needs LANEWAY_REDIS_URL (laneway serve sets it)")
@@ -65,6 +66,7 @@ def create_app(settings: Settings) -> Litestar:
     state = ApiState(
         settings=settings,
         redis=redis,
+        secrets=secrets,
         live=live,
         jobs=JobStore(redis, ttl_s=settings.job_ttl_s),
         waiters=waiters,

@@ -167,7 +167,7 @@ class OpenAIImagesController(Controller):
         """Generate images and answer once they exist, in the OpenAI Images shape."""
         body = parse_body(data)
         policy = api.live.snapshot.policy
-        tenant = authenticate(policy, authorization)
+        tenant = authenticate(policy, authorization, secrets=api.secrets)
         intent, route_name = Intent.auto, None
         if body.model is not None:
             alias = policy.aliases.get(body.model)

@@ -11,8 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from controlplane.errors import SettingsError
+from controlplane.policy import Tenant
 from controlplane.settings import (
     NOT_SETTINGS,
     RESERVED_PREFIXES,
@@ -108,6 +110,13 @@ def test_a_child_loads_the_parents_settings_and_keeps_other_variables(
     assert child["LANEWAY_PORT"] == "8123" and "LANEWAY_ADMIN_TOKEN" not in child
     monkeypatch.setattr(os, "environ", child)
     assert load_settings() == parent
+
+
+def test_a_policy_cannot_name_a_secret_like_a_setting() -> None:
+    assert Tenant(api_key_env="LANEWAY_KEY_ACME").api_key_env == "LANEWAY_KEY_ACME"
+    assert Tenant(api_key_env="ACME_KEY").api_key_env == "ACME_KEY"
+    with pytest.raises(ValidationError, match="name a secret LANEWAY_KEY_ACME"):
+        Tenant(api_key_env="LANEWAY_ACME")
 
 
 def test_every_laneway_name_tests_benchmarks_and_ci_set_passes_the_check() -> None:
