@@ -41,6 +41,10 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True)
 
     redis_url: str | None = None
+    redis_timeout_s: float = Field(
+        default=2.0, gt=0,
+        description="API: connect and reply timeout of request-path Redis commands; a "
+                    "stopped server answers 503 after this long")
     home: Path = Field(default=Path("var"), description="runtime state: pidfiles, AOF, logs")
     registry: Path = Path("registry")
     artifacts: Path = Path("var/artifacts")

@@ -37,7 +37,10 @@ AuthorizationHeader = Annotated[str | None, Parameter(header="Authorization", re
 @dataclass
 class ApiState:
     settings: Settings
+    #: request-path commands; fails within ``settings.redis_timeout_s`` when Redis is down
     redis: aioredis.Redis
+    #: blocking reads (XREAD BLOCK of event streams): its reply timeout outlasts the BLOCK
+    blocking_redis: aioredis.Redis
     #: where tenants' keys are read: ``api_key_env`` name → key (the process environment)
     secrets: Mapping[str, str]
     live: LiveConfig
@@ -125,7 +128,7 @@ class JobsController(Controller):
         """The job's events as Server-Sent Events: its state first, then its history, live."""
         await _visible_job(api, job_id, authorization)
         messages: AsyncIterator[ServerSentEventMessage] = await job_event_messages(
-            api.redis, api.jobs, job_id, last_event_id=last_event_id)
+            api.blocking_redis, api.jobs, job_id, last_event_id=last_event_id)
         return ServerSentEvent(messages)
 
     @get("/jobs/{job_id:str}", operation_id="getJob")

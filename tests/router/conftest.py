@@ -132,11 +132,14 @@ RouterFactory = Callable[[Policy], contextlib.AbstractAsyncContextManager[Router
 
 @contextlib.asynccontextmanager
 async def running_router(redis_url: str, policy: Policy, registry: Registry,
-                         home: Path) -> AsyncIterator[Router]:
-    """The API up against ``redis_url`` with ``policy`` in force; workers stopped at exit."""
+                         home: Path, **settings_fields: Any) -> AsyncIterator[Router]:
+    """The API up against ``redis_url`` with ``policy`` in force; workers stopped at exit.
+
+    ``settings_fields`` override the API's settings (e.g. ``redis_timeout_s``).
+    """
     await publish_policy(redis_url, policy, registry)
     settings = Settings(redis_url=redis_url, home=home, registry=registry.root,
-                        artifacts=home / "artifacts")
+                        artifacts=home / "artifacts", **settings_fields)
     server = ApiServer(settings)
     await asyncio.to_thread(server.start)
     redis = aioredis.Redis.from_url(redis_url)
