@@ -2,7 +2,7 @@
 
     python bench/verifier_accuracy.py
 
-One onnxruntime thread (``LANEWAY_OCR_THREADS=1`` → ``intra_op_num_threads=1``), so the
+One onnxruntime thread (``set_ocr_threads(1)`` → ``intra_op_num_threads=1``), so the
 latencies are per core. First a sweep of detector sizes on a smaller set, then the full set
 at ``DETECTOR_LONG_SIDE_PX`` through ``check_image`` with the default ``Verify`` thresholds.
 Writes ``bench/results/verifier_accuracy.json``.
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 import sys
 import time
 from collections import Counter
@@ -25,9 +24,9 @@ from controlplane.policy import Verify
 from verifier.checks import check_image
 from verifier.typography import (
     DETECTOR_LONG_SIDE_PX,
-    THREADS_ENV,
     check_typography,
     ocr_engine,
+    set_ocr_threads,
 )
 
 # Run as a script, this folder is sys.path[0]; the labelled set is imported as bench.*.
@@ -79,7 +78,7 @@ def sweep(threshold: float) -> list[dict[str, object]]:
 
 def main() -> None:
     started = time.perf_counter()
-    os.environ[THREADS_ENV] = "1"  # read when the first OCR engine is built, below
+    set_ocr_threads(1)  # as LANEWAY_OCR_THREADS=1 does in a verifier process
     verify = Verify(typography=True, quality=True)
     sweep_rows = sweep(verify.text_threshold)
     ocr_engine()(np.zeros((64, 64, 3), np.uint8))

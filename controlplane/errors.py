@@ -21,6 +21,7 @@
         ├── NoEngine                503: nothing can serve the route
         ├── PolicyError             a policy that does not load (field, line, reason)
         ├── RegistryError           a registry folder that must not be loaded
+        ├── SettingsError           unknown or invalid LANEWAY_ variables at process start
         └── StageFailed             an engine raised while running a stage
 """
 
@@ -176,6 +177,13 @@ class PolicyError(InternalError):
 
 class RegistryError(InternalError):
     code = "registry_error"
+
+
+class SettingsError(InternalError):
+    """The environment names a ``LANEWAY_`` variable that is not a setting, or gives one a
+    bad value; one detail per variable (``field`` is its name)."""
+
+    code = "invalid_settings"
 
 
 class StageFailed(InternalError):

@@ -13,9 +13,25 @@ from enum import StrEnum
 from functools import cached_property
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from controlplane.errors import FieldError
+from controlplane.settings import ENV_PREFIX, RESERVED_PREFIXES, SECRET_PREFIX
+
+
+def _secret_env_name(name: str) -> str:
+    """A variable that holds a secret must not look like a setting (it would stop the
+    process at start as an unknown one): ``LANEWAY_`` names need ``LANEWAY_KEY_``."""
+    upper = name.upper()
+    if upper.startswith(ENV_PREFIX) and not upper.startswith(RESERVED_PREFIXES):
+        raise ValueError(f"{ENV_PREFIX} names are settings; name a secret "
+                         f"{SECRET_PREFIX}{upper.removeprefix(ENV_PREFIX)} or outside "
+                         f"{ENV_PREFIX}")
+    return name
+
+
+SecretEnvName = Annotated[str, AfterValidator(_secret_env_name)]
+"""The name of the environment variable that holds a secret (never the secret)."""
 
 
 class Strict(BaseModel):
@@ -101,7 +117,7 @@ class EngineSpec(Strict):
     native_size: PositiveInt | None = None
     sim: SimService | None = None
     base_url: str | None = None
-    api_key_env: str | None = None
+    api_key_env: SecretEnvName | None = None
     timeout_s: float = Field(default=60, gt=0)
     rpm: PositiveInt | None = None
     cost_per_image: float | None = Field(default=None, ge=0)
@@ -200,7 +216,7 @@ class Alias(Strict):
 
 
 class Tenant(Strict):
-    api_key_env: str
+    api_key_env: SecretEnvName
     tiers: tuple[str, ...] = ()
 
 

@@ -1,30 +1,62 @@
-"""Process settings: one typed object built at start-up from ``LANEWAY_*`` variables."""
+"""Process settings: one typed object built at start-up from ``LANEWAY_*`` variables.
+
+A process loads them once, at its entry point, and passes the object down::
+
+    settings = load_settings()          # SettingsError names each unknown or bad variable
+    create_app(settings)
+
+Every ``LANEWAY_*`` variable is a setting, except names under ``RESERVED_PREFIXES``
+(secrets a policy names, test-only variables) and the few in ``NOT_SETTINGS`` (read by
+something other than a Laneway process). Any other one stops the process at start, with
+the closest valid name: a misspelling is never silently ignored.
+"""
 
 from __future__ import annotations
 
+import difflib
+import os
+from collections.abc import Mapping
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from controlplane.errors import FieldError, SettingsError
+
+ENV_PREFIX = "LANEWAY_"
+#: names a policy gives its secrets (``api_key_env`` of tenants and remote engines) and
+#: names only tests read start with these; the unknown-variable check skips them
+SECRET_PREFIX = "LANEWAY_KEY_"
+TEST_PREFIX = "LANEWAY_TEST_"
+RESERVED_PREFIXES = (SECRET_PREFIX, TEST_PREFIX)
+#: ``LANEWAY_`` variables that no Laneway process reads
+NOT_SETTINGS = frozenset({
+    "LANEWAY_TORCH_SPEC",  # .ci/setup: the torch requirement to install
+})
 
 
 class Settings(BaseSettings):
-    """Everything a Laneway process reads from its environment.
+    """Everything a Laneway process reads from its environment (``LANEWAY_<FIELD>``)."""
 
-    Misspelt ``LANEWAY_*`` variables are not silently accepted as something else: every
-    field has one name, shown in ``laneway serve --help``.
-    """
-
-    model_config = SettingsConfigDict(env_prefix="LANEWAY_", extra="forbid", frozen=True)
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True)
 
     redis_url: str | None = None
+    redis_timeout_s: float = Field(
+        default=2.0, gt=0,
+        description="API: connect and reply timeout of request-path Redis commands; a "
+                    "stopped server answers 503 after this long")
     home: Path = Field(default=Path("var"), description="runtime state: pidfiles, AOF, logs")
     registry: Path = Path("registry")
     artifacts: Path = Path("var/artifacts")
     host: str = "127.0.0.1"
     port: int = 8000
+    url: str = Field(default="http://127.0.0.1:8000",
+                     description="CLI: the server the admin commands talk to")
     device: str = "cpu"
     torch_threads: int = 1
+    ocr_threads: int | None = Field(
+        default=None, gt=0,
+        description="verifier: threads per onnxruntime session (unset: one per core)")
     admin_token: str | None = None
     node_name: str = Field(default="node-1", description="prefix of worker names")
     drain_timeout_s: float = Field(default=30.0, description="worker: finish running "
@@ -38,3 +70,70 @@ class Settings(BaseSettings):
     @property
     def embedded_dir(self) -> Path:
         return self.home / "valkey"
+
+    def as_environ(self) -> dict[str, str]:
+        """These settings as ``LANEWAY_*`` variables (unset ones left out)."""
+        return {variable_name(name): str(value)
+                for name, value in self.model_dump().items() if value is not None}
+
+
+def variable_name(field: str) -> str:
+    """The environment variable of a settings field: ``redis_url`` → ``LANEWAY_REDIS_URL``."""
+    return ENV_PREFIX + field.upper()
+
+
+def setting_names() -> list[str]:
+    """Every variable that is a setting, in field order."""
+    return [variable_name(field) for field in Settings.model_fields]
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[FieldError]:
+    """One error per ``LANEWAY_*`` name in ``environ`` that is neither a setting nor
+    exempt, with the closest setting's name when one is close."""
+    valid = setting_names()
+    errors = []
+    for name in sorted(environ):
+        upper = name.upper()  # pydantic-settings matches names without case
+        if (not upper.startswith(ENV_PREFIX) or upper in valid or upper in NOT_SETTINGS
+                or upper.startswith(RESERVED_PREFIXES)):
+            continue
+        errors.append(FieldError(name, f"unknown setting {name} ({_hint(upper, valid)})"))
+    return errors
+
+
+def _hint(name: str, valid: list[str]) -> str:
+    # compared without the shared prefix, which would make every name look close
+    close = difflib.get_close_matches(name.removeprefix(ENV_PREFIX),
+                                      [v.removeprefix(ENV_PREFIX) for v in valid], n=1)
+    if close:
+        return f"did you mean {ENV_PREFIX}{close[0]}?"
+    return (f"not a setting; name a policy's secrets {SECRET_PREFIX}..., "
+            f"test-only variables {TEST_PREFIX}...")
+
+
+def load_settings() -> Settings:
+    """The process's settings from ``os.environ``; its entry point calls this once.
+
+    Raises SettingsError naming every unknown ``LANEWAY_*`` variable and every bad value.
+    """
+    unknown = unknown_variables(os.environ)
+    if unknown:
+        raise SettingsError("unknown LANEWAY_ variables", details=unknown)
+    try:
+        return Settings()
+    except ValidationError as exc:
+        raise SettingsError("invalid LANEWAY_ variables", details=[
+            _invalid(error["loc"], error["msg"]) for error in exc.errors()]) from None
+
+
+def _invalid(loc: tuple[int | str, ...], message: str) -> FieldError:
+    name = variable_name(str(loc[0])) if loc else ENV_PREFIX
+    return FieldError(name, f"invalid setting {name}: {message}")
+
+
+def child_environ(settings: Settings, environ: Mapping[str, str]) -> dict[str, str]:
+    """The environment of a child Laneway process: ``environ`` with its settings replaced by
+    ``settings``, so the child loads exactly the parent's (command-line options included)."""
+    names = set(setting_names())
+    inherited = {k: v for k, v in environ.items() if k.upper() not in names}
+    return inherited | settings.as_environ()

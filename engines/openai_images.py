@@ -44,7 +44,6 @@ from controlplane.circuit import CircuitBreaker
 from controlplane.errors import EngineUnavailable, InternalError, RetryableError, StageFailed
 from controlplane.policy import EngineSpec
 from controlplane.registry import Registry
-from controlplane.settings import Settings
 from controlplane.telemetry import tracer
 from engines.base import Engine, StageItem
 
@@ -261,10 +260,9 @@ def retry_after_s(response: httpx.Response) -> float | None:
 
 
 def build_openai_images(spec: EngineSpec, registry: Registry, model_version: str,
-                        device: str) -> Engine:
-    """The factory's builder: the Redis URL comes from ``LANEWAY_REDIS_URL``."""
-    redis_url = Settings().redis_url
+                        device: str, redis_url: str | None) -> Engine:
+    """The factory's builder: the circuit breaker lives in Redis at ``redis_url``."""
     if not redis_url:
-        raise InternalError("http.openai_images engines need LANEWAY_REDIS_URL (their "
+        raise InternalError("http.openai_images engines need a Redis URL (their "
                             "circuit breaker lives in Redis)")
     return OpenAIImagesEngine(spec, redis_url=redis_url)

@@ -91,6 +91,7 @@ class RunnerContext:
     registry: Registry
     artifacts: ArtifactStore
     executor: Executor
+    redis_url: str | None = None  # for remote engines' circuit breakers
 
 
 class StageRunner:
@@ -352,7 +353,7 @@ class StageRunner:
         version = record.model_version or ""
         engine = slot.engine_for(version, lambda: build_engine(
             first.spec, registry=self.ctx.registry, model_version=version,
-            device=self.ctx.device, name=record.engine))
+            device=self.ctx.device, name=record.engine, redis_url=self.ctx.redis_url))
         started = time.perf_counter()
         outputs = engine.run([w.item for w in works])
         run_ms = round((time.perf_counter() - started) * 1000)

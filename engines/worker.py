@@ -54,6 +54,7 @@ class WorkerOptions:
     job_ttl_s: int
     engines: frozenset[str] | None = None
     drain_timeout_s: float = 30.0
+    redis_url: str | None = None  # for remote engines' circuit breakers
 
 
 class Worker:
@@ -68,7 +69,7 @@ class Worker:
             Outcomes(redis, job_ttl_s=options.job_ttl_s),
             RunnerContext(worker=options.name, device=options.device,
                           registry=options.registry, artifacts=options.artifacts,
-                          executor=self._executor))
+                          executor=self._executor, redis_url=options.redis_url))
         self._slots: dict[str, list[Slot]] = {}
         self._slot_tasks: list[asyncio.Task[None]] = []
         self._next_claim_s: dict[str, float] = {}

@@ -28,7 +28,7 @@ async def _serve(settings: Settings, device: str, engines: frozenset[str] | None
         name=worker_name(settings, device), device=device,
         registry=Registry(settings.registry), artifacts=ArtifactStore(settings.artifacts),
         job_ttl_s=settings.job_ttl_s, engines=engines,
-        drain_timeout_s=settings.drain_timeout_s,
+        drain_timeout_s=settings.drain_timeout_s, redis_url=settings.redis_url,
     ))
     on_stop_signals(worker.stop)
     try:

@@ -1,8 +1,9 @@
-"""The CLI's HTTP client for the admin API: ``LANEWAY_URL`` and ``LANEWAY_ADMIN_TOKEN``.
+"""The CLI's HTTP client for the admin API, at ``Settings.url`` with ``Settings.admin_token``
+(``LANEWAY_URL``, ``LANEWAY_ADMIN_TOKEN``).
 
 ::
 
-    with AdminClient.from_env(actor="alice") as admin:
+    with AdminClient.from_settings(settings, actor="alice") as admin:
         admin.call("POST", "/v1/admin/models/tiny-sdxl/rollback", json={"reason": "p95"})
 
 Raises ``ServerUnreachable`` (the CLI exits 3) or ``AdminRefused`` (exit 1) with the
@@ -11,13 +12,13 @@ server's error body.
 
 from __future__ import annotations
 
-import os
 from types import TracebackType
 from typing import Any
 
 import httpx
 
-DEFAULT_URL = "http://127.0.0.1:8000"
+from controlplane.settings import Settings
+
 TIMEOUT_S = 30.0
 
 
@@ -55,9 +56,9 @@ class AdminClient:
         self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout_s)
 
     @classmethod
-    def from_env(cls, *, actor: str | None = None) -> AdminClient:
-        return cls(url=os.environ.get("LANEWAY_URL", DEFAULT_URL),
-                   token=os.environ.get("LANEWAY_ADMIN_TOKEN"), actor=actor)
+    def from_settings(cls, settings: Settings, *, actor: str | None = None) -> AdminClient:
+        """A client of the server at ``settings.url`` with the admin token, if any."""
+        return cls(url=settings.url, token=settings.admin_token, actor=actor)
 
     def __enter__(self) -> AdminClient:
         return self

@@ -1,22 +1,24 @@
 """The ``laneway`` command line.
 
-Exit codes (CONTRACT.md): 0 ok, 1 refused or invalid, 2 usage, 3 server unreachable.
+Exit codes (CONTRACT.md): 0 ok, 1 refused or invalid, 2 usage (an unknown or invalid
+``LANEWAY_*`` variable included), 3 server unreachable. The settings are loaded once, before
+any command runs (``laneway/cli_settings.py``); options given on the command line override
+them.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
 from controlplane.errors import LanewayError, PolicyError
 from controlplane.policy_loader import load_policy
-from controlplane.settings import Settings
 from laneway import cli_admin
+from laneway.cli_settings import current_settings, load_at_start
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 
@@ -29,14 +31,15 @@ app.add_typer(models_app, name="models")
 cli_admin.register(app, policy_app, models_app)
 
 RedisUrl = Annotated[str | None, typer.Option(
-    "--redis-url", envvar="LANEWAY_REDIS_URL",
-    help="Redis/Valkey URL; without it `serve` starts the bundled server.")]
+    "--redis-url", help="Redis/Valkey URL (default LANEWAY_REDIS_URL); without one `serve` "
+                        "starts the bundled server.")]
 RegistryDir = Annotated[Path | None, typer.Option(
-    "--registry", envvar="LANEWAY_REGISTRY", help="Model registry folder (default ./registry).")]
+    "--registry", help="Model registry folder (default LANEWAY_REGISTRY, else ./registry).")]
 
 
-def _settings(**overrides: Any) -> Settings:
-    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+@app.callback()
+def _load_settings() -> None:
+    load_at_start()
 
 
 def _fail(message: str, code: int = EXIT_REFUSED) -> typer.Exit:
@@ -49,8 +52,10 @@ def serve(
     policy: Annotated[Path, typer.Option(help="Policy YAML to apply at start.")] = Path(
         "policies/tiny.yaml"),
     redis_url: RedisUrl = None,
-    host: Annotated[str, typer.Option(help="Interface of the HTTP API.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port of the HTTP API.")] = 8000,
+    host: Annotated[str | None, typer.Option(
+        help="Interface of the HTTP API (default LANEWAY_HOST, else 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(
+        help="Port of the HTTP API (default LANEWAY_PORT, else 8000).")] = None,
     no_workers: Annotated[bool, typer.Option(
         "--no-workers", help="Run the API only; workers run elsewhere.")] = False,
     watch: Annotated[bool, typer.Option(
@@ -62,7 +67,7 @@ def serve(
     from laneway.serve import ServeOptions
     from laneway.serve import serve as run_serve
 
-    settings = _settings(redis_url=redis_url, host=host, port=port, registry=registry)
+    settings = current_settings(redis_url=redis_url, host=host, port=port, registry=registry)
     try:
         run_serve(settings, ServeOptions(policy_path=policy, workers=not no_workers,
                                          watch=watch))
@@ -75,7 +80,8 @@ def serve(
 
 @app.command()
 def worker(
-    device: Annotated[str, typer.Option(help="Torch device: cpu, cuda:0, ...")] = "cpu",
+    device: Annotated[str | None, typer.Option(
+        help="Torch device: cpu, cuda:0, ... (default LANEWAY_DEVICE, else cpu).")] = None,
     engines: Annotated[str | None, typer.Option(
         help="Comma-separated engine names to serve (default: every local engine).")] = None,
     redis_url: RedisUrl = None,
@@ -84,12 +90,11 @@ def worker(
     """Run a worker against a Redis/Valkey server; SIGTERM drains it."""
     from engines.worker_main import run_worker
 
-    settings = _settings(redis_url=redis_url, registry=registry, device=device)
+    settings = current_settings(redis_url=redis_url, registry=registry, device=device)
     if not settings.redis_url:
         raise _fail("laneway worker needs --redis-url or LANEWAY_REDIS_URL", EXIT_USAGE)
     names = frozenset(n.strip() for n in engines.split(",") if n.strip()) if engines else None
-    os.environ["LANEWAY_REDIS_URL"] = settings.redis_url  # remote engines' circuits read it
-    run_worker(settings, device=device, engines=names)
+    run_worker(settings, device=settings.device, engines=names)
 
 
 @app.command()
@@ -97,7 +102,7 @@ def verifier(redis_url: RedisUrl = None) -> None:
     """Run a verifier (OCR and quality checks of completed jobs); SIGTERM stops it."""
     from verifier.verifier_main import run_verifier
 
-    settings = _settings(redis_url=redis_url)
+    settings = current_settings(redis_url=redis_url)
     if not settings.redis_url:
         raise _fail("laneway verifier needs --redis-url or LANEWAY_REDIS_URL", EXIT_USAGE)
     run_verifier(settings)
@@ -117,7 +122,9 @@ def verify(
     """Run the verifier's checks on an image file; exit 0 passed, 1 failed, 2 unreadable."""
     from controlplane.policy import Verify
     from verifier.on_file import run
+    from verifier.typography import set_ocr_threads
 
+    set_ocr_threads(current_settings().ocr_threads)
     try:
         loaded = load_policy(policy)
     except PolicyError as exc:
@@ -170,7 +177,7 @@ def models_make_tiny(registry: RegistryDir = None) -> None:
     from controlplane.registry import Registry
     from engines.tiny_models import make_tiny
 
-    root = registry or _settings().registry
+    root = current_settings(registry=registry).registry
     for manifest in make_tiny(Registry(root)):
         typer.echo(f"{manifest.name} {manifest.version} ({manifest.kind})")
 

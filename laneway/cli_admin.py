@@ -19,6 +19,7 @@ from typing import Annotated, Any
 import typer
 
 from laneway.admin_client import AdminClient, AdminRefused, ServerUnreachable
+from laneway.cli_settings import current_settings
 
 EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE = 1, 2, 3
 
@@ -35,7 +36,7 @@ Reason = Annotated[str, typer.Option("--reason", help="Why (recorded in the audi
 def admin(actor: str | None = None) -> Iterator[AdminClient]:
     """An admin client; server errors become exit codes 1 (refused) and 3 (unreachable)."""
     try:
-        with AdminClient.from_env(actor=actor) as client:
+        with AdminClient.from_settings(current_settings(), actor=actor) as client:
             yield client
     except ServerUnreachable as exc:
         typer.echo(f"laneway: {exc} (set LANEWAY_URL)", err=True)
@@ -157,7 +158,7 @@ def policy_rollback(
 def policy_watch(
     file: Annotated[Path, typer.Argument(help="Policy YAML file to watch.")],
     registry: Annotated[Path | None, typer.Option(
-        envvar="LANEWAY_REGISTRY", help="Model registry folder.")] = None,
+        help="Model registry folder (default LANEWAY_REGISTRY, else ./registry).")] = None,
 ) -> None:
     """Re-apply FILE whenever it changes (serve --watch runs this)."""
     import asyncio
@@ -165,15 +166,13 @@ def policy_watch(
 
     from controlplane.policy_watch import run_policy_watch
     from controlplane.registry import Registry
-    from controlplane.settings import Settings
 
-    settings = Settings()
+    settings = current_settings(registry=registry)
     if not settings.redis_url:
         typer.echo("laneway policy watch needs LANEWAY_REDIS_URL", err=True)
         raise typer.Exit(EXIT_USAGE)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s watch %(levelname)s %(message)s")
-    asyncio.run(run_policy_watch(settings.redis_url, file,
-                                 Registry(registry or settings.registry)))
+    asyncio.run(run_policy_watch(settings.redis_url, file, Registry(settings.registry)))
 
 
 # -- models -------------------------------------------------------------------------------
@@ -354,9 +353,8 @@ def controller_cmd() -> None:
     import logging
 
     from controlplane.reconcile import run_controller
-    from controlplane.settings import Settings
 
-    settings = Settings()
+    settings = current_settings()
     if not settings.redis_url:
         typer.echo("laneway controller needs LANEWAY_REDIS_URL", err=True)
         raise typer.Exit(EXIT_USAGE)

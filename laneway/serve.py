@@ -25,7 +25,7 @@ from controlplane.policy import EngineKind, Policy, check_models
 from controlplane.policy_changes import put_in_force
 from controlplane.policy_loader import load_policy
 from controlplane.registry import Registry
-from controlplane.settings import Settings
+from controlplane.settings import Settings, child_environ
 from laneway.child_process import die_with_parent
 from laneway.embedded_redis import EmbeddedRedis
 
@@ -80,9 +80,10 @@ def child_commands(settings: Settings, policy: Policy) -> list[list[str]]:
 
 
 def start_child(settings: Settings, args: list[str]) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "LANEWAY_REDIS_URL": settings.redis_url or ""}
-    return subprocess.Popen([sys.executable, "-m", "laneway.cli", *args], env=env,
-                            preexec_fn=die_with_parent)
+    """``laneway ARGS`` in a child that loads this process's settings (the bundled
+    server's URL and the command line's options included)."""
+    return subprocess.Popen([sys.executable, "-m", "laneway.cli", *args],
+                            env=child_environ(settings, os.environ), preexec_fn=die_with_parent)
 
 
 def stop_process(process: subprocess.Popen[bytes], *, timeout_s: float) -> None:
@@ -127,7 +128,6 @@ def _serve(settings: Settings, options: ServeOptions) -> None:
             settings = settings.model_copy(update={"redis_url": url})
         assert settings.redis_url
         asyncio.run(publish_policy(settings.redis_url, policy, registry))
-        os.environ["LANEWAY_REDIS_URL"] = settings.redis_url
         if options.workers:
             children = [start_child(settings, args)
                         for args in child_commands(settings, policy)]
@@ -138,8 +138,9 @@ def _serve(settings: Settings, options: ServeOptions) -> None:
 
         log.info("API on http://%s:%d (policy %s)", settings.host, settings.port,
                  policy.version_id[:19])
-        uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
-                    log_level="warning", access_log=False)
+        # tenants' keys: the variables the policy names, read from this process's environment
+        uvicorn.run(create_app(settings, secrets=os.environ), host=settings.host,
+                    port=settings.port, log_level="warning", access_log=False)
     finally:
         for child in children:
             child.send_signal(signal.SIGTERM)

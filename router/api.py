@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -37,7 +37,12 @@ AuthorizationHeader = Annotated[str | None, Parameter(header="Authorization", re
 @dataclass
 class ApiState:
     settings: Settings
+    #: request-path commands; fails within ``settings.redis_timeout_s`` when Redis is down
     redis: aioredis.Redis
+    #: blocking reads (XREAD BLOCK of event streams): its reply timeout outlasts the BLOCK
+    blocking_redis: aioredis.Redis
+    #: where tenants' keys are read: ``api_key_env`` name → key (the process environment)
+    secrets: Mapping[str, str]
     live: LiveConfig
     jobs: JobStore
     waiters: JobWaiters
@@ -61,7 +66,8 @@ async def _visible_job(api: ApiState, job_id: str, authorization: str | None) ->
     """The job, if the caller may see it: with tenants, only the tenant's own (else 404)."""
     policy = api.live.snapshot.policy
     job = await api.jobs.get(job_id)
-    if policy.tenants and job.request.tenant != authenticate(policy, authorization):
+    if policy.tenants and job.request.tenant != authenticate(policy, authorization,
+                                                            secrets=api.secrets):
         raise NotFound(f"job {job_id!r} does not exist")
     return job
 
@@ -81,7 +87,7 @@ class JobsController(Controller):
         A repeated ``Idempotency-Key`` answers with the original job (header
         ``Idempotent-Replayed: true``): 200 when it has ended, else 202.
         """
-        tenant = authenticate(api.live.snapshot.policy, authorization)
+        tenant = authenticate(api.live.snapshot.policy, authorization, secrets=api.secrets)
         job_id = new_job_id()
         with api.waiters.waiting(job_id) as ended:
             accepted = await api.submitter.submit(data, tenant=tenant, job_id=job_id,
@@ -102,7 +108,8 @@ class JobsController(Controller):
                      authorization: AuthorizationHeader = None) -> Response[dict[str, Any]]:
         """Cancel a job; idempotent: an ended job is returned unchanged."""
         policy = api.live.snapshot.policy
-        tenant = authenticate(policy, authorization) if policy.tenants else None
+        tenant = (authenticate(policy, authorization, secrets=api.secrets)
+                  if policy.tenants else None)
         job, _ = await cancel_job(api.jobs, api.submitter.transitions, job_id, tenant=tenant)
         return _job_response(job)
 
@@ -113,7 +120,7 @@ class JobsController(Controller):
         """The job's events as Server-Sent Events: its state first, then its history, live."""
         await _visible_job(api, job_id, authorization)
         messages: AsyncIterator[ServerSentEventMessage] = await job_event_messages(
-            api.redis, api.jobs, job_id, last_event_id=last_event_id)
+            api.blocking_redis, api.jobs, job_id, last_event_id=last_event_id)
         return ServerSentEvent(messages)
 
     @get("/jobs/{job_id:str}", operation_id="getJob")

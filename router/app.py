@@ -2,69 +2,66 @@
 
 from __future__ import annotations
 
-import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 
 import redis.asyncio as aioredis
-from litestar import Litestar, Request, Response
+from litestar import Litestar
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi import OpenAPIConfig
 from litestar.plugins.opentelemetry import OpenTelemetryConfig, OpenTelemetryPlugin
 
 from controlplane.artifacts import ArtifactStore
-from controlplane.errors import AdmissionRefused, LanewayError
+from controlplane.errors import LanewayError
 from controlplane.jobs import JobStore
 from controlplane.live_config import LiveConfig
 from controlplane.registry import Registry
 from controlplane.settings import Settings
 from controlplane.telemetry import setup_tracing, shutdown_tracing
+from router import http_errors
 from router.admin_api import AdminController
 from router.api import ApiState, JobsController, SystemController
 from router.deferral import DeferralDispatcher
+from router.job_events import READ_BLOCK_MS
 from router.openai_compat import OpenAIImagesController
 from router.submit import Submitter
 from router.waiters import JobWaiters
 
-log = logging.getLogger(__name__)
+
+def request_redis(settings: Settings) -> aioredis.Redis:
+    """The client of request-path commands: when Redis is stopped or unreachable they fail
+    within ``redis_timeout_s`` (the request answers 503) instead of holding the request."""
+    assert settings.redis_url
+    return aioredis.Redis.from_url(settings.redis_url, max_connections=256,
+                                   socket_connect_timeout=settings.redis_timeout_s,
+                                   socket_timeout=settings.redis_timeout_s)
 
 
-def _laneway_error(_: Request, exc: LanewayError) -> Response:
-    headers = {}
-    if isinstance(exc, AdmissionRefused):
-        headers["Retry-After"] = str(exc.retry_after_s)
-    if exc.status_code >= 500:
-        log.error("request failed: %s", exc.message)
-    return Response(exc.as_body(), status_code=exc.status_code, headers=headers)
+def blocking_redis(settings: Settings) -> aioredis.Redis:
+    """The client of blocking reads (an event stream's XREAD BLOCK): its reply timeout is
+    the BLOCK plus ``redis_timeout_s``, so a quiet stream is not taken for a dead server."""
+    assert settings.redis_url
+    return aioredis.Redis.from_url(
+        settings.redis_url, socket_connect_timeout=settings.redis_timeout_s,
+        socket_timeout=READ_BLOCK_MS / 1000 + settings.redis_timeout_s)
 
 
-def _validation_error(_: Request, exc: ValidationException) -> Response:
-    details = []
-    for item in exc.extra if isinstance(exc.extra, list) else []:
-        field = item.get("key") or item.get("source") or "body"
-        details.append({"field": field, "message": item.get("message", "invalid")})
-    message = "; ".join(f"{d['field']}: {d['message']}" for d in details) or exc.detail
-    body = {"error": {"code": "invalid_request", "message": message, "details": details}}
-    return Response(body, status_code=422)
-
-
-def _http_error(_: Request, exc: HTTPException) -> Response:
-    body = {"error": {"code": "http_error", "message": exc.detail, "details": []}}
-    return Response(body, status_code=exc.status_code, headers=exc.headers)
-
-
-def create_app(settings: Settings | None = None) -> Litestar:
-    settings = settings or Settings()
+def create_app(settings: Settings, *, secrets: Mapping[str, str]) -> Litestar:
+    """The API against ``settings.redis_url``; tenants' keys are read from ``secrets``
+    (``api_key_env`` name → key: the process environment)."""
     setup_tracing("laneway-router")
     if not settings.redis_url:
         raise RuntimeError("the API needs LANEWAY_REDIS_URL (laneway serve sets it)")
-    redis = aioredis.Redis.from_url(settings.redis_url, max_connections=256)
+    redis = request_redis(settings)
+    blocking = blocking_redis(settings)
     live = LiveConfig(redis)
     waiters = JobWaiters(redis)
     artifacts = ArtifactStore(settings.artifacts)
     state = ApiState(
         settings=settings,
         redis=redis,
+        blocking_redis=blocking,
+        secrets=secrets,
         live=live,
         jobs=JobStore(redis),
         waiters=waiters,
@@ -86,6 +83,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             await deferral.stop()
             await waiters.stop()
             await live.stop()
+            await blocking.aclose()
             await redis.aclose()
             shutdown_tracing()
 
@@ -95,10 +93,12 @@ def create_app(settings: Settings | None = None) -> Litestar:
         lifespan=[lifespan],
         dependencies={},
         state=state.as_litestar_state(),
-        exception_handlers={
-            LanewayError: _laneway_error,
-            ValidationException: _validation_error,
-            HTTPException: _http_error,
+        exception_handlers={  # router/http_errors.py: the contract's shape for all
+            LanewayError: http_errors.laneway_error,
+            ValidationException: http_errors.validation_error,
+            HTTPException: http_errors.http_error,
+            **dict.fromkeys(http_errors.REDIS_UNAVAILABLE, http_errors.redis_unavailable),
+            Exception: http_errors.unexpected_error,
         },
         plugins=[OpenTelemetryPlugin(OpenTelemetryConfig(exclude=["/healthz", "/readyz",
                                                                    "/metrics"]))],

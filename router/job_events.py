@@ -23,7 +23,7 @@ from controlplane import keys
 from controlplane.jobs import JobStore
 
 FINAL_EVENTS = frozenset({"completed", "failed", "cancelled"})
-#: below the client's 5 s default socket timeout (redis-py 8), which a longer BLOCK trips
+#: the API gives the client of these reads a reply timeout of this plus its usual one
 READ_BLOCK_MS = 2000
 VERIFIED_WAIT_S = 120.0
 #: an idle stream gets a comment this often, so proxies keep the connection open

@@ -31,6 +31,7 @@ from controlplane.errors import AdmissionRefused, LanewayError, ValidationFailed
 from controlplane.jobs import Job, JobStatus
 from controlplane.policy import Intent
 from router.api import ApiState, AuthorizationHeader, provide_api
+from router.http_errors import INTERNAL_ERROR_MESSAGE, REDIS_RETRY_AFTER_S, REDIS_UNAVAILABLE
 from router.requests import ImageRequest
 from router.submit import new_job_id
 from router.tenants import authenticate
@@ -134,6 +135,22 @@ def _openai_error(_: Request[Any, Any, Any], exc: OpenAIError) -> Response[dict[
     return Response(exc.body, status_code=exc.status_code)
 
 
+def _redis_unavailable(request: Request[Any, Any, Any], exc: Exception
+                       ) -> Response[dict[str, Any]]:
+    log.warning("%s %s: Redis unavailable: %s", request.method, request.url.path, exc)
+    error = OpenAIError(503, "the state store (Redis) did not answer; retry in "
+                             f"{REDIS_RETRY_AFTER_S} s", code="redis_unavailable")
+    return Response(error.body, status_code=503,
+                    headers={"Retry-After": str(REDIS_RETRY_AFTER_S)})
+
+
+def _unexpected_error(request: Request[Any, Any, Any], exc: Exception
+                      ) -> Response[dict[str, Any]]:
+    log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+    error = OpenAIError(500, INTERNAL_ERROR_MESSAGE, code="internal_error")
+    return Response(error.body, status_code=500)
+
+
 class OpenAIImagesController(Controller):
     path = "/v1/images/generations"
     dependencies = {"api": Provide(provide_api, sync_to_thread=False)}
@@ -142,6 +159,8 @@ class OpenAIImagesController(Controller):
         LanewayError: _laneway_error,
         ValidationException: _http_error,
         HTTPException: _http_error,
+        **dict.fromkeys(REDIS_UNAVAILABLE, _redis_unavailable),
+        Exception: _unexpected_error,
     }
 
     @post("/", operation_id="createImage", status_code=200)
@@ -151,7 +170,7 @@ class OpenAIImagesController(Controller):
         """Generate images and answer once they exist, in the OpenAI Images shape."""
         body = parse_body(data)
         policy = api.live.snapshot.policy
-        tenant = authenticate(policy, authorization)
+        tenant = authenticate(policy, authorization, secrets=api.secrets)
         intent, route_name = Intent.auto, None
         if body.model is not None:
             alias = policy.aliases.get(body.model)

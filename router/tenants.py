@@ -2,16 +2,16 @@
 
 Without tenants in the policy every request belongs to ``default`` and needs no key. With
 tenants, each names the environment variable that holds its key (keys never live in the
-policy and are never logged), and may restrict the tiers it can ask for::
+policy and are never logged), and may restrict the tiers it can ask for. The caller gives
+the variables to read (the API process's environment, handed to ``create_app``)::
 
-    tenant = authenticate(policy, request.headers.get("Authorization"))
+    tenant = authenticate(policy, request.headers.get("Authorization"), secrets=os.environ)
     check_tier(policy, tenant, "premium")
 """
 
 from __future__ import annotations
 
 import hmac
-import os
 from collections.abc import Mapping
 
 from controlplane.errors import Forbidden, Unauthorized
@@ -21,8 +21,11 @@ DEFAULT_TENANT = "default"
 
 
 def authenticate(policy: Policy, authorization: str | None, *,
-                 environ: Mapping[str, str] = os.environ) -> str:
-    """The tenant whose key the header carries; 401 when tenants exist and it carries none."""
+                 secrets: Mapping[str, str]) -> str:
+    """The tenant whose key the header carries; 401 when tenants exist and it carries none.
+
+    ``secrets`` maps each tenant's ``api_key_env`` to its key.
+    """
     if not policy.tenants:
         return DEFAULT_TENANT
     if not authorization:
@@ -33,7 +36,7 @@ def authenticate(policy: Policy, authorization: str | None, *,
         raise Unauthorized("Authorization: expected 'Bearer <api key>'")
     found = None
     for name, tenant in policy.tenants.items():
-        expected = environ.get(tenant.api_key_env)
+        expected = secrets.get(tenant.api_key_env)
         # compare with every configured key in constant time; do not stop at the first match
         if expected and hmac.compare_digest(expected.encode(), token.encode()):
             found = name

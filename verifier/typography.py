@@ -13,7 +13,6 @@ splits a phrase at word gaps or line breaks). Text around the phrase costs nothi
 
 from __future__ import annotations
 
-import os
 import unicodedata
 from dataclasses import dataclass
 from functools import cache
@@ -32,7 +31,9 @@ from controlplane.verification import Typography
 # small text (20 px type is 12.5 px to the detector) at under 40% of the full-size cost.
 DETECTOR_LONG_SIDE_PX = 640
 MAX_JOINED_REGIONS = 4
-THREADS_ENV = "LANEWAY_OCR_THREADS"
+#: threads per onnxruntime session (None: onnxruntime's default, one per core); set once at
+#: process start from ``Settings.ocr_threads`` by :func:`set_ocr_threads`
+_ocr_threads: int | None = None
 
 _CONFUSABLE_PAIRS = frozenset(
     frozenset(pair)
@@ -51,31 +52,35 @@ class Region:
     left_px: float
 
 
-def ocr_threads() -> int | None:
-    """Threads per onnxruntime session from ``LANEWAY_OCR_THREADS`` (unset: onnxruntime's
-    default, one per core)."""
-    raw = os.environ.get(THREADS_ENV)
-    if raw is None:
-        return None
-    if not raw.isdigit() or int(raw) < 1:
-        raise ValueError(f"{THREADS_ENV} must be a positive integer, got {raw!r}")
-    return int(raw)
+def set_ocr_threads(threads: int | None) -> None:
+    """Use ``threads`` per onnxruntime session in the OCR engines built from now on (None:
+    one per core). A process calls this once at start, before the first check."""
+    global _ocr_threads
+    if threads is not None and threads < 1:
+        raise ValueError(f"OCR threads must be a positive integer, got {threads!r}")
+    if threads != _ocr_threads:
+        _ocr_threads = threads
+        ocr_engine.cache_clear()
 
 
-@cache
-def ocr_engine(det_long_side_px: int = DETECTOR_LONG_SIDE_PX) -> RapidOCR:
-    """The process's OCR engine for a detector size (built once, models from the wheel)."""
+def ocr_params(det_long_side_px: int, threads: int | None) -> dict[str, object]:
+    """RapidOCR's parameters for a detector size and a thread count (None: its default)."""
     params: dict[str, object] = {
         "Global.log_level": "error",
         "Global.use_cls": False,
         "Det.limit_type": "max",
         "Det.limit_side_len": det_long_side_px,
     }
-    threads = ocr_threads()
     if threads is not None:
         params["EngineConfig.onnxruntime.intra_op_num_threads"] = threads
         params["EngineConfig.onnxruntime.inter_op_num_threads"] = 1
-    return RapidOCR(params=params)
+    return params
+
+
+@cache
+def ocr_engine(det_long_side_px: int = DETECTOR_LONG_SIDE_PX) -> RapidOCR:
+    """The process's OCR engine for a detector size (built once, models from the wheel)."""
+    return RapidOCR(params=ocr_params(det_long_side_px, _ocr_threads))
 
 
 def read_regions(

@@ -13,6 +13,7 @@ from controlplane.artifacts import ArtifactStore
 from controlplane.settings import Settings
 from controlplane.signals import on_stop_signals
 from controlplane.telemetry import setup_tracing, shutdown_tracing
+from verifier.typography import set_ocr_threads
 from verifier.worker import Verifier, VerifierOptions
 
 
@@ -38,6 +39,7 @@ def run_verifier(settings: Settings) -> None:
     """Block verifying completed jobs until a stop signal."""
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s verifier %(levelname)s %(message)s")
+    set_ocr_threads(settings.ocr_threads)
     setup_tracing("laneway-verifier")
     try:
         asyncio.run(_serve(settings))

@@ -15,7 +15,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind
 
 from controlplane.circuit import is_open
-from controlplane.errors import EngineUnavailable, StageFailed
+from controlplane.errors import EngineUnavailable, InternalError, StageFailed
 from controlplane.policy import EngineSpec
 from controlplane.registry import Registry
 from engines.base import StageItem
@@ -109,14 +109,15 @@ def test_generates_decoded_images_of_the_requested_size(make: Maker, provider: P
     assert API_KEY not in str(dict(client.attributes or {}))
 
 
-def test_the_factory_builds_it_named_from_the_environment(
-        redis_url: str, provider: Provider, monkeypatch: pytest.MonkeyPatch,
-        tiny_registry: Registry) -> None:
-    monkeypatch.setenv("LANEWAY_REDIS_URL", redis_url)
+def test_the_factory_builds_it_named_with_the_redis_url_it_is_given(
+        redis_url: str, provider: Provider, tiny_registry: Registry) -> None:
     spec = EngineSpec.model_validate({"kind": "http.openai_images", "model": "m",
                                       "base_url": provider.base_url})
+    with pytest.raises(InternalError, match="need a Redis URL"):
+        build_engine(spec, registry=tiny_registry, model_version="", device="none",
+                     name="hosted")
     engine = build_engine(spec, registry=tiny_registry, model_version="", device="none",
-                          name="hosted")
+                          name="hosted", redis_url=redis_url)
     try:
         assert isinstance(engine, OpenAIImagesEngine) and engine.name == "hosted"
         (images,) = engine.run([item()])
@@ -165,12 +166,12 @@ def test_other_4xx_fail_at_once_and_never_leak_the_key(make: Maker, provider: Pr
 
 def test_a_missing_key_variable_is_named_without_a_value(
         redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("LANEWAY_MISSING_KEY", raising=False)
+    monkeypatch.delenv("LANEWAY_TEST_MISSING_KEY", raising=False)
     spec = EngineSpec.model_validate({"kind": "http.openai_images", "model": "m",
                                       "base_url": "http://127.0.0.1:9/v1",
-                                      "api_key_env": "LANEWAY_MISSING_KEY"})
+                                      "api_key_env": "LANEWAY_TEST_MISSING_KEY"})
     with pytest.raises(Exception, match="api_key_env: environment variable "
-                                        "LANEWAY_MISSING_KEY is not set"):
+                                        "LANEWAY_TEST_MISSING_KEY is not set"):
         OpenAIImagesEngine(spec, redis_url=redis_url)
 
 

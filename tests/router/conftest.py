@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -35,8 +36,8 @@ class ApiServer:
 
     def __init__(self, settings: Settings) -> None:
         self.port = free_port()
-        config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=self.port,
-                                log_level="warning", lifespan="on")
+        config = uvicorn.Config(create_app(settings, secrets=os.environ), host="127.0.0.1",
+                                port=self.port, log_level="warning", lifespan="on")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
@@ -131,11 +132,14 @@ RouterFactory = Callable[[Policy], contextlib.AbstractAsyncContextManager[Router
 
 @contextlib.asynccontextmanager
 async def running_router(redis_url: str, policy: Policy, registry: Registry,
-                         home: Path) -> AsyncIterator[Router]:
-    """The API up against ``redis_url`` with ``policy`` in force; workers stopped at exit."""
+                         home: Path, **settings_fields: Any) -> AsyncIterator[Router]:
+    """The API up against ``redis_url`` with ``policy`` in force; workers stopped at exit.
+
+    ``settings_fields`` override the API's settings (e.g. ``redis_timeout_s``).
+    """
     await publish_policy(redis_url, policy, registry)
     settings = Settings(redis_url=redis_url, home=home, registry=registry.root,
-                        artifacts=home / "artifacts")
+                        artifacts=home / "artifacts", **settings_fields)
     server = ApiServer(settings)
     await asyncio.to_thread(server.start)
     redis = aioredis.Redis.from_url(redis_url)

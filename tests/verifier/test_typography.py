@@ -4,11 +4,11 @@ import pytest
 
 from tests.verifier.conftest import poster
 from verifier.typography import (
-    THREADS_ENV,
     check_typography,
     normalise,
-    ocr_threads,
+    ocr_params,
     same_char,
+    set_ocr_threads,
     similarity,
 )
 
@@ -82,11 +82,10 @@ def test_every_phrase_must_be_found() -> None:
     assert verdict.score == verdict.scores[1]
 
 
-def test_ocr_threads_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(THREADS_ENV, raising=False)
-    assert ocr_threads() is None
-    monkeypatch.setenv(THREADS_ENV, "1")
-    assert ocr_threads() == 1
-    monkeypatch.setenv(THREADS_ENV, "0")
-    with pytest.raises(ValueError, match="LANEWAY_OCR_THREADS must be a positive integer, got '0'"):
-        ocr_threads()
+def test_ocr_threads_reach_onnxruntime_only_when_set() -> None:
+    assert "EngineConfig.onnxruntime.intra_op_num_threads" not in ocr_params(640, None)
+    params = ocr_params(640, 1)
+    assert params["EngineConfig.onnxruntime.intra_op_num_threads"] == 1
+    assert params["EngineConfig.onnxruntime.inter_op_num_threads"] == 1
+    with pytest.raises(ValueError, match="OCR threads must be a positive integer, got 0"):
+        set_ocr_threads(0)
