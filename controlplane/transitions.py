@@ -26,7 +26,6 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from controlplane import keys, route_counters
@@ -37,7 +36,9 @@ from controlplane.stage_messages import StageMessage
 
 #: how often a plan is re-run on a record that changed under it before giving up
 MAX_PLANS = 8
-#: sends of one call when the connection fails (the same call: replaying it is a no-op)
+#: sends of one call when the connection fails (the same call: replaying it is a no-op).
+#: A reply that timed out is not sent again: the server is not answering, and the
+#: client's socket timeout is the whole wait its caller allowed (the API answers 503).
 SEND_TRIES = 3
 EVENTS_TTL_S = 7 * 24 * 3600
 
@@ -270,7 +271,7 @@ class Transitions:
         script_keys = [keys.job(job.id), keys.job_transitions(job.id), keys.job_events(job.id)]
         async for attempt in AsyncRetrying(
                 stop=stop_after_attempt(SEND_TRIES), wait=wait_exponential(min=0.05, max=0.5),
-                retry=retry_if_exception_type((RedisConnectionError, RedisTimeoutError)),
+                retry=retry_if_exception_type(RedisConnectionError),
                 reraise=True):
             with attempt:
                 status, current = await self._script(keys=script_keys, args=args)

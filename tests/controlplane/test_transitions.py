@@ -18,6 +18,7 @@ import pytest
 import redis.asyncio as aioredis
 from PIL import Image
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from controlplane import keys
 from controlplane.artifacts import ArtifactStore
@@ -25,7 +26,7 @@ from controlplane.jobs import Job, JobRequest, JobStatus, JobStore, StageRecord,
 from controlplane.live_config import LiveConfig
 from controlplane.policy_loader import parse_policy
 from controlplane.policy_store import PolicyStore
-from controlplane.transitions import Change, Transitions
+from controlplane.transitions import SCRIPT, Change, Transitions
 from engines.lanes import LaneReader
 from engines.stage_outcomes import Outcomes
 from router.cancel import cancel_job
@@ -51,13 +52,17 @@ routes:
 
 
 class LosesAReply(aioredis.Connection):
-    """A connection that, when armed, drops the reply of the next EVALSHA it sends."""
+    """A connection that, when armed, drops the reply of the next EVALSHA it sends and
+    raises ``error`` (a broken connection, or a reply that never came)."""
 
     armed: ClassVar[bool] = False
+    error: ClassVar[type[Exception]] = RedisConnectionError
     lost: ClassVar[int] = 0
+    evalshas: ClassVar[int] = 0
 
     async def send_command(self, *args: Any, **kwargs: Any) -> None:
         self._last_command = str(args[0]).upper()
+        type(self).evalshas += self._last_command == "EVALSHA"
         await super().send_command(*args, **kwargs)
 
     async def read_response(self, *args: Any, **kwargs: Any) -> Any:
@@ -66,7 +71,7 @@ class LosesAReply(aioredis.Connection):
             type(self).armed = False
             type(self).lost += 1
             await self.disconnect()
-            raise RedisConnectionError("reply lost (injected by the test)")
+            raise type(self).error("reply lost (injected by the test)")
         return response
 
 
@@ -92,14 +97,15 @@ async def fx(redis_url: str, tmp_path: Path) -> AsyncIterator[Fixture]:
     lossy = aioredis.Redis(connection_pool=aioredis.ConnectionPool.from_url(
         redis_url, connection_class=LosesAReply))
     await PolicyStore(redis).apply(POLICY, actor="test", reason="transition tests")
-    LosesAReply.armed, LosesAReply.lost = False, 0
+    LosesAReply.armed, LosesAReply.lost, LosesAReply.evalshas = False, 0, 0
+    LosesAReply.error = RedisConnectionError
     yield Fixture(redis, lossy, ArtifactStore(tmp_path / "artifacts"))
     await lossy.aclose()
     await redis.aclose()
 
 
-def lose_next_reply() -> None:
-    LosesAReply.armed = True
+def lose_next_reply(error: type[Exception] = RedisConnectionError) -> None:
+    LosesAReply.armed, LosesAReply.error = True, error
 
 
 def assert_one_reply_was_lost() -> None:
@@ -127,6 +133,22 @@ async def test_a_replayed_accept_queues_the_job_once(fx: Fixture) -> None:
     assert await fx.event_kinds(job.id) == ["queued"]
     stored = await JobStore(fx.redis).get(job.id)
     assert stored.status is JobStatus.queued and stored.stages[0].status is StageStatus.queued
+
+
+async def test_a_reply_that_timed_out_is_not_waited_for_again(fx: Fixture) -> None:
+    # a timeout means the server is not answering: the caller's socket timeout was the
+    # whole wait it allowed, so the call fails at once (the API answers 503) instead of
+    # waiting that long again per retry
+    await fx.redis.script_load(SCRIPT)  # so the counted sends are the calls' own
+    lose_next_reply(RedisTimeoutError)
+    with pytest.raises(RedisTimeoutError):
+        await submitted(fx, fx.lossy)
+    assert_one_reply_was_lost()
+    assert LosesAReply.evalshas == 1
+    # a broken connection is sent again (it fails fast, and the resend is a no-op)
+    lose_next_reply(RedisConnectionError)
+    await submitted(fx, fx.lossy)
+    assert LosesAReply.evalshas == 3
 
 
 async def test_a_replayed_stage_completion_queues_the_next_stage_once(fx: Fixture) -> None:
