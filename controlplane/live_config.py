@@ -70,7 +70,8 @@ class LiveConfig:
         async def on_message(_: bytes) -> None:
             await self._safe_reload()
 
-        await follow(self.redis, keys.CONTROL_CHANNEL, on_message, stop=self._stop)
+        await follow(self.redis, keys.CONTROL_CHANNEL, on_message, stop=self._stop,
+                     on_resubscribed=self._safe_reload)
 
     async def _poll(self) -> None:
         while not self._stop.is_set():

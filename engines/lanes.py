@@ -162,9 +162,16 @@ class LaneReader:
             stream = keys.engine_stream(engine, tier)
             if stream not in self._groups:
                 continue
-            _, entries, _ = await self.redis.xautoclaim(
-                stream, keys.ENGINE_GROUP, self.consumer, min_idle_time=min_idle_ms,
-                start_id="0-0", count=count - len(claimed))
+            try:
+                _, entries, _ = await self.redis.xautoclaim(
+                    stream, keys.ENGINE_GROUP, self.consumer, min_idle_time=min_idle_ms,
+                    start_id="0-0", count=count - len(claimed))
+            except aioredis.ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                self._groups.discard(stream)  # the server lost its data; make it again
+                await self.ensure_groups(engine, [tier])
+                continue
             claimed.extend(replace(e, reclaimed=True)
                            for e in _entries([(stream.encode(), entries)], tier))
             if len(claimed) >= count:

@@ -27,7 +27,7 @@ import redis.asyncio as aioredis
 
 from controlplane import keys
 from controlplane.artifacts import ArtifactStore
-from controlplane.jobs import JobStore
+from controlplane.jobs import Job, JobStatus, JobStore
 from controlplane.live_config import LiveConfig
 from controlplane.policy import DIFFUSERS_KINDS, EngineKind, EngineSpec, Policy
 from controlplane.pubsub import follow
@@ -196,7 +196,19 @@ class Worker:
         async def on_cancel(job_id: bytes) -> None:
             self.runner.cancel(job_id.decode())
 
-        await follow(self.redis, keys.CANCEL_CHANNEL, on_cancel, stop=self._helpers_stop)
+        await follow(self.redis, keys.CANCEL_CHANNEL, on_cancel, stop=self._helpers_stop,
+                     on_resubscribed=self._recheck_cancelled)
+
+    async def _recheck_cancelled(self) -> None:
+        """After a lost subscription: stop the running jobs cancelled in the gap."""
+        job_ids = sorted({e.message.job_id for e in self.runner.inflight.values()})
+        if not job_ids:
+            return
+        for job_id, raw in zip(job_ids, await self.redis.mget([keys.job(j) for j in job_ids]),
+                               strict=True):
+            if raw is not None and Job.model_validate_json(raw).status is JobStatus.cancelled:
+                log.warning("job %s was cancelled while the subscription was lost", job_id)
+                self.runner.cancel(job_id)
 
     async def _heartbeat_loop(self) -> None:
         while not self._helpers_stop.is_set():

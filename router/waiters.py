@@ -17,6 +17,7 @@ import asyncio
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import redis.asyncio as aioredis
 
@@ -88,13 +89,27 @@ class JobWaiters:
 
     async def _listen(self) -> None:
         await follow(self.redis, keys.JOB_DONE_CHANNEL, self._wake, stop=self._stop,
-                     subscribed=self._ready)
+                     subscribed=self._ready, on_resubscribed=self._recheck)
+
+    async def _recheck(self) -> None:
+        """After a lost subscription: wake the waiters whose jobs ended in the gap (one
+        MGET; an id not accepted yet has no record)."""
+        job_ids = list(self._waiting)
+        if not job_ids:
+            return
+        records: list[Any] = await self.redis.mget(
+            [keys.job(job_id) for job_id in job_ids])
+        for raw in records:
+            if raw is not None:
+                await self._wake(raw)
 
     async def _wake(self, data: bytes) -> None:
         try:
             job = Job.model_validate_json(data)
         except ValueError:
             log.exception("unreadable job-done message")
+            return
+        if not job.status.is_final:
             return
         for future in self._waiting.pop(job.id, []):
             if not future.done():

@@ -131,9 +131,17 @@ class Verifier:
     async def _next_entry(self) -> tuple[bytes, dict[bytes, bytes]] | None:
         """An entry a dead verifier left pending past ``claim_idle_ms``, else a new one."""
         # redis-py types this reply loosely: [next start id, [(id, fields)], [deleted ids]]
-        autoclaim: list[Any] = await self.redis.xautoclaim(
-            keys.VERIFY_STREAM, keys.VERIFY_GROUP, self.name,
-            min_idle_time=self.options.claim_idle_ms, start_id="0-0", count=1)
+        try:
+            autoclaim: list[Any] = await self.redis.xautoclaim(
+                keys.VERIFY_STREAM, keys.VERIFY_GROUP, self.name,
+                min_idle_time=self.options.claim_idle_ms, start_id="0-0", count=1)
+        except aioredis.ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            log.warning("verifier %s: the server lost the verify group (restarted without "
+                        "its data); making it again", self.name)
+            await self._ensure_group()
+            return None
         claimed: list[tuple[bytes, dict[bytes, bytes]]] = autoclaim[1]
         if claimed:
             entry_id, fields = claimed[0]

@@ -333,3 +333,23 @@ async def _group_exists(redis: aioredis.Redis) -> bool:
 
 async def _delivered(redis: aioredis.Redis) -> bool:
     return (await redis.xpending(keys.VERIFY_STREAM, keys.VERIFY_GROUP))["pending"] > 0
+
+
+async def test_a_flushed_server_gets_its_verify_group_back(fx: Fixture) -> None:
+    verifier = fx.verifier()
+    task = asyncio.create_task(verifier.run())
+    try:
+        deadline = time.monotonic() + VERIFY_TIMEOUT_S
+        while not await fx.redis.exists(keys.VERIFY_STREAM):
+            assert time.monotonic() < deadline and not task.done(), "no verify group made"
+            await asyncio.sleep(0.02)
+        await fx.redis.flushall()  # the server lost everything, the group included
+        await PolicyStore(fx.redis).apply(POLICY, actor="test", reason="after the flush")
+        job = await fx.completed_job("flagging", [poster(PHRASE)], text=[PHRASE])
+        while verifier.acknowledged < 1:
+            assert time.monotonic() < deadline and not task.done(), "the entry was not read"
+            await asyncio.sleep(0.02)
+    finally:
+        verifier.stop()
+        await task
+    assert (await fx.verification(job.id))["status"] == "passed"
