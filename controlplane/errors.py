@@ -18,7 +18,7 @@
     │   ├── StageTimeout            the job ran past its deadline
     │   └── WorkerDraining          the worker is stopping; the stage goes back to its lane
     └── InternalError               5xx: a bug or a broken deployment
-        ├── NoEngine                503: nothing can serve the route
+        ├── NoEngine                503 with Retry-After: nothing can serve the route
         ├── PolicyError             a policy that does not load (field, line, reason)
         ├── RegistryError           a registry folder that must not be loaded
         ├── SettingsError           unknown or invalid LANEWAY_ variables at process start
@@ -51,6 +51,9 @@ class LanewayError(Exception):
 
     status_code = 500
     code = "internal_error"
+    #: seconds a client should wait before trying again (the ``Retry-After`` header); None
+    #: when trying again will not help
+    retry_after_s: int | None = None
 
     def __init__(self, message: str, *, details: list[FieldError] | None = None) -> None:
         super().__init__(message)
@@ -166,8 +169,12 @@ class InternalError(LanewayError):
 
 
 class NoEngine(InternalError):
+    """Nothing can serve the route now: its engines' circuits are open, or no live worker
+    has served its first stage's engine for longer than the grace period."""
+
     status_code = 503
     code = "no_engine"
+    retry_after_s = 5
 
 
 class PolicyError(InternalError):

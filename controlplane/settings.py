@@ -45,6 +45,10 @@ class Settings(BaseSettings):
         default=2.0, gt=0,
         description="API: connect and reply timeout of request-path Redis commands; a "
                     "stopped server answers 503 after this long")
+    no_engine_grace_s: float = Field(
+        default=30.0, ge=0,
+        description="API: a route whose first engine no live worker has served for this "
+                    "long is refused with 503 no_engine")
     home: Path = Field(default=Path("var"), description="runtime state: pidfiles, AOF, logs")
     registry: Path = Path("registry")
     artifacts: Path = Path("var/artifacts")

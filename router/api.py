@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -23,10 +23,11 @@ from controlplane.jobs import Job, JobStore
 from controlplane.live_config import LiveConfig
 from controlplane.settings import Settings
 from router.cancel import cancel_job
+from router.engine_liveness import EngineLiveness
 from router.job_events import job_event_messages
 from router.metrics import render_metrics
 from router.requests import ImageRequest
-from router.status import live_workers, status_body
+from router.status import status_body
 from router.submit import Submitter, new_job_id
 from router.tenants import authenticate
 from router.waiters import JobWaiters
@@ -48,6 +49,9 @@ class ApiState:
     waiters: JobWaiters
     artifacts: ArtifactStore
     submitter: Submitter
+    liveness: EngineLiveness
+    #: what is wrong with the processes hosting the API (``laneway serve``'s supervisor)
+    host_problems: Callable[[], list[str]] = list
 
     def as_litestar_state(self) -> State:
         return State({"api": self})
@@ -175,16 +179,20 @@ class SystemController(Controller):
 
     @get("/readyz", operation_id="readyz")
     async def readyz(self, api: ApiState) -> Response[dict[str, Any]]:
-        """Ready when Redis answers, a policy is loaded and at least one worker is alive."""
-        problems = []
+        """Ready when Redis answers and the processes hosting the API are well.
+
+        Workers are not asked for: API pods stay ready while workers scale to zero (a
+        route nobody serves is refused by submit with 503 ``no_engine``). The engines that
+        no live worker has served for the grace period are listed.
+        """
+        problems = list(api.host_problems())
         try:
             await api.redis.ping()
         except aioredis.RedisError as exc:
             problems.append(f"redis: {exc}")
-        workers = await live_workers(api.redis) if not problems else []
-        if not workers:
-            problems.append("no live worker")
+        policy = api.live.snapshot.policy
         body = {"status": "ready" if not problems else "not_ready", "problems": problems,
-                "policy_version": api.live.snapshot.policy.version_id, "workers": len(workers)}
+                "policy_version": policy.version_id,
+                "engines_without_workers": api.liveness.unserved(policy.engines)}
         return Response(body, status_code=200 if not problems else 503)
 

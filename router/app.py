@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 
 import redis.asyncio as aioredis
@@ -22,6 +22,7 @@ from router import http_errors
 from router.admin_api import AdminController
 from router.api import ApiState, JobsController, SystemController
 from router.deferral import DeferralDispatcher
+from router.engine_liveness import EngineLiveness
 from router.job_events import READ_BLOCK_MS
 from router.openai_compat import OpenAIImagesController
 from router.submit import Submitter
@@ -46,9 +47,12 @@ def blocking_redis(settings: Settings) -> aioredis.Redis:
         socket_timeout=READ_BLOCK_MS / 1000 + settings.redis_timeout_s)
 
 
-def create_app(settings: Settings, *, secrets: Mapping[str, str]) -> Litestar:
+def create_app(settings: Settings, *, secrets: Mapping[str, str],
+               host_problems: Callable[[], list[str]] = list) -> Litestar:
     """The API against ``settings.redis_url``; tenants' keys are read from ``secrets``
-    (``api_key_env`` name → key: the process environment)."""
+    (``api_key_env`` name → key: the process environment). ``host_problems`` names what
+    is wrong with the processes hosting it (``laneway serve``'s supervisor): ``/readyz``
+    reports them."""
     setup_tracing("laneway-router")
     if not settings.redis_url:
         raise RuntimeError("the API needs LANEWAY_REDIS_URL (laneway serve sets it)")
@@ -57,6 +61,7 @@ def create_app(settings: Settings, *, secrets: Mapping[str, str]) -> Litestar:
     live = LiveConfig(redis)
     waiters = JobWaiters(redis)
     artifacts = ArtifactStore(settings.artifacts)
+    liveness = EngineLiveness(redis, grace_s=settings.no_engine_grace_s)
     state = ApiState(
         settings=settings,
         redis=redis,
@@ -68,7 +73,9 @@ def create_app(settings: Settings, *, secrets: Mapping[str, str]) -> Litestar:
         artifacts=artifacts,
         submitter=Submitter(redis, live, artifacts, settings.job_ttl_s,
                             idempotency_ttl_s=settings.idempotency_ttl_s,
-                            registry=Registry(settings.registry)),
+                            registry=Registry(settings.registry), liveness=liveness),
+        liveness=liveness,
+        host_problems=host_problems,
     )
     deferral = DeferralDispatcher(redis, live, job_ttl_s=settings.job_ttl_s)
 
@@ -77,9 +84,11 @@ def create_app(settings: Settings, *, secrets: Mapping[str, str]) -> Litestar:
         await live.start()
         await waiters.start()
         await deferral.start()
+        await liveness.start()
         try:
             yield
         finally:
+            await liveness.stop()
             await deferral.stop()
             await waiters.stop()
             await live.stop()

@@ -4,7 +4,7 @@
 ``router/app.py`` maps exceptions to these handlers in its one table; Litestar picks the
 handler of the closest class in the exception's MRO::
 
-    LanewayError           its own status and code (429 with Retry-After)
+    LanewayError           its own status and code (Retry-After when it has one: 429, 503)
     ValidationException    422 invalid_request: Litestar's checks of the request
     HTTPException          its status: 404 not_found, 405 method_not_allowed, ...
     REDIS_UNAVAILABLE      503 redis_unavailable with Retry-After
@@ -20,7 +20,7 @@ import redis.exceptions
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 
-from controlplane.errors import AdmissionRefused, LanewayError
+from controlplane.errors import LanewayError
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +44,20 @@ def error_body(code: str, message: str,
     return {"error": {"code": code, "message": message, "details": details or []}}
 
 
+def log_failure(what: str, exc: LanewayError) -> None:
+    """A 5xx is logged: as an error, or as a warning when trying again helps (Retry-After:
+    no live worker yet, Redis restarting)."""
+    if exc.status_code < 500:
+        return
+    log.log(logging.WARNING if exc.retry_after_s is not None else logging.ERROR,
+            "%s failed: %s", what, exc.message)
+
+
 def laneway_error(_: AnyRequest, exc: LanewayError) -> Response[dict[str, Any]]:
     headers = {}
-    if isinstance(exc, AdmissionRefused):
+    if exc.retry_after_s is not None:
         headers["Retry-After"] = str(exc.retry_after_s)
-    if exc.status_code >= 500:
-        log.error("request failed: %s", exc.message)
+    log_failure("request", exc)
     return Response(exc.as_body(), status_code=exc.status_code, headers=headers)
 
 

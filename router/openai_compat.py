@@ -27,11 +27,16 @@ from litestar.exceptions import HTTPException, ValidationException
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic import ValidationError as PydanticValidationError
 
-from controlplane.errors import AdmissionRefused, LanewayError, ValidationFailed
+from controlplane.errors import LanewayError, ValidationFailed
 from controlplane.jobs import Job, JobStatus
 from controlplane.policy import Intent
 from router.api import ApiState, AuthorizationHeader, provide_api
-from router.http_errors import INTERNAL_ERROR_MESSAGE, REDIS_RETRY_AFTER_S, REDIS_UNAVAILABLE
+from router.http_errors import (
+    INTERNAL_ERROR_MESSAGE,
+    REDIS_RETRY_AFTER_S,
+    REDIS_UNAVAILABLE,
+    log_failure,
+)
 from router.requests import ImageRequest
 from router.submit import new_job_id
 from router.tenants import authenticate
@@ -115,10 +120,9 @@ def _laneway_error(_: Request[Any, Any, Any], exc: LanewayError) -> Response[dic
     param = _PARAM_OF_FIELD.get(field, field) if field else None
     status_code = 400 if isinstance(exc, ValidationFailed) else exc.status_code
     headers = {}
-    if isinstance(exc, AdmissionRefused):
+    if exc.retry_after_s is not None:
         headers["Retry-After"] = str(exc.retry_after_s)
-    if status_code >= 500:
-        log.error("images/generations failed: %s", exc.message)
+    log_failure("images/generations", exc)
     error = OpenAIError(status_code, exc.message, param=param, code=exc.code)
     return Response(error.body, status_code=status_code, headers=headers)
 

@@ -34,6 +34,7 @@ from controlplane.registry import Registry
 from controlplane.telemetry import current_carrier, current_trace_id, tracer
 from controlplane.transitions import Change, Transitions
 from router.admission import AdmissionControl, Admitted, Outcome, record_outcome
+from router.engine_liveness import EngineLiveness
 from router.idempotency import IdempotencyKeys, check_key
 from router.image_input import decode_image
 from router.requests import ImageRequest, check_against_policy, raise_if_any
@@ -65,6 +66,8 @@ class Submitter:
     job_ttl_s: int
     idempotency_ttl_s: int = 24 * 3600
     registry: Registry | None = None
+    #: refuses routes whose first engine no live worker serves (None: accept regardless)
+    liveness: EngineLiveness | None = None
 
     def __post_init__(self) -> None:
         self.admission = AdmissionControl(self.redis)
@@ -251,10 +254,13 @@ class Submitter:
     async def _stage_records(self, route: Route, snapshot: Snapshot,
                              job_id: str) -> list[StageRecord]:
         """One record per stage; a stage whose engine's circuit is open goes to the first
-        of its ``fallback`` engines whose circuit is closed (recorded as ``fallback_from``)."""
+        of its ``fallback`` engines whose circuit is closed (recorded as ``fallback_from``).
+        Raises NoEngine when no live worker serves the first stage's engine."""
         records = []
-        for stage in route.stages:
+        for index, stage in enumerate(route.stages):
             engine = await self._available_engine(stage, snapshot.policy)
+            if index == 0 and self.liveness is not None:
+                self.liveness.check(engine)
             spec = snapshot.policy.engines[engine]
             model = spec.model if spec.is_local_model else None
             records.append(StageRecord(

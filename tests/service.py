@@ -62,6 +62,8 @@ class Service:
     process: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
     ready_path: str = "/readyz"
+    #: ready also means at least one live worker (``/readyz`` does not wait for workers)
+    wait_for_worker: bool = True
 
     @property
     def url(self) -> str:
@@ -97,12 +99,18 @@ class Service:
                 raise RuntimeError(f"laneway serve exited {self.process.returncode}:\n"
                                    f"{self.log()}")
             try:
-                if httpx.get(f"{self.url}{self.ready_path}", timeout=1).status_code == 200:
+                if (httpx.get(f"{self.url}{self.ready_path}", timeout=1).status_code == 200
+                        and (not self.wait_for_worker or self.live_workers())):
                     return
             except httpx.HTTPError:
                 pass
             time.sleep(0.2)
         raise RuntimeError(f"laneway serve not ready in {READY_TIMEOUT_S}s:\n{self.log()}")
+
+    def live_workers(self) -> list[dict[str, object]]:
+        workers: list[dict[str, object]] = httpx.get(f"{self.url}/v1/status",
+                                                     timeout=1).json()["workers"]
+        return workers
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-4000:] if self.log_path else ""

@@ -37,7 +37,7 @@ def api(tiny_registry: Registry, tmp_path_factory: pytest.TempPathFactory,
     """The API and bundled server only; each test starts the workers it needs (they inherit
     the service's environment, tracing to ``collector`` included)."""
     svc = Service(home=tmp_path_factory.mktemp("workers"), registry=tiny_registry.root,
-                  policy=POLICY, extra_args=["--no-workers"], ready_path="/healthz",
+                  policy=POLICY, extra_args=["--no-workers"], wait_for_worker=False,
                   extra_env=collector.env())
     svc.start()
     yield svc
