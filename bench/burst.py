@@ -38,8 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.burst_report import analyse, summary_line  # noqa: E402
 from bench.common import BENCH, write_result  # noqa: E402
 from controlplane import keys
+from laneway.child_process import stop_process
 from laneway.embedded_redis import EmbeddedRedis
-from laneway.serve import stop_process
 from tests.service import Service  # noqa: E402
 
 #: engine name -> number of devices serving it; the same 14 devices for both policies

@@ -14,7 +14,7 @@ import signal
 import socket
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis
@@ -75,6 +75,7 @@ class EmbeddedRedis:
     pid: int | None = None
     port: int | None = None
     reused: bool = False
+    _process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
     def url(self) -> str:
@@ -91,7 +92,22 @@ class EmbeddedRedis:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if self._adopt_orphan():
             return self.url
-        port = _free_port()
+        return self._launch(_free_port())
+
+    def restart(self) -> str:
+        """Start the server again on its port and data directory, after it died: clients
+        keep their URL, and its append-only file replays everything it had accepted."""
+        if self.port is None:
+            raise EmbeddedServerError("the bundled server was never started")
+        return self._launch(self.port)
+
+    def poll(self) -> int | None:
+        """None while the server runs, else its exit code (-1 when an adopted one is gone)."""
+        if self._process is not None:
+            return self._process.poll()
+        return None if self.pid is not None and _alive(self.pid) else -1
+
+    def _launch(self, port: int) -> str:
         process = subprocess.Popen(
             [str(_binary()), "--bind", "127.0.0.1", "--port", str(port),
              "--dir", str(self.data_dir.resolve()), "--appendonly", "yes",
@@ -101,7 +117,7 @@ class EmbeddedRedis:
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True, preexec_fn=die_with_parent if self.die_with_parent else None,
         )
-        self.pid, self.port = process.pid, port
+        self._process, self.pid, self.port, self.reused = process, process.pid, port, False
         self._state_path.write_text(json.dumps({"pid": self.pid, "port": self.port}))
         deadline = time.monotonic() + START_TIMEOUT_S
         while not _answers(self.url):

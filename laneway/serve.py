@@ -1,9 +1,10 @@
 """``laneway serve``: the embedded default in one process tree.
 
 Starts (or adopts) the bundled server unless a Redis URL is given, applies the policy,
-makes the tiny models when a tiny policy needs them, starts a worker process for the local
-device, and runs the API in this process. Ctrl-C / SIGTERM stops the API, then the worker
-(it drains), then the bundled server.
+makes the tiny models when a tiny policy needs them, starts the workers, the verifier and
+the controller as child processes under a supervisor that restarts them (and the bundled
+server) when they die, and runs the API in this process. Ctrl-C / SIGTERM stops the API,
+then the children (workers drain), then the bundled server.
 """
 
 from __future__ import annotations
@@ -25,12 +26,11 @@ from controlplane.policy import EngineKind, Policy, check_models
 from controlplane.policy_changes import put_in_force
 from controlplane.policy_loader import load_policy
 from controlplane.registry import Registry
-from controlplane.settings import Settings, child_environ
-from laneway.child_process import die_with_parent
+from controlplane.settings import Settings
 from laneway.embedded_redis import EmbeddedRedis
+from laneway.supervisor import Supervisor
 
 log = logging.getLogger("laneway.serve")
-WORKER_DRAIN_S = 30.0
 
 
 @dataclass
@@ -67,34 +67,21 @@ async def publish_policy(redis_url: str, policy: Policy, registry: Registry) -> 
 
 
 def child_commands(settings: Settings, policy: Policy) -> list[list[str]]:
-    """The ``laneway`` sub-commands serve runs beside the API, one process each.
-
-    Remote engines (``http.openai_images``) get a worker of their own with no device.
-    """
+    """The ``laneway`` sub-commands serve runs beside the API, one process each: a worker
+    for the local device, one with no device for remote engines (``http.openai_images``)
+    and one for simulated engines (``sim``), the verifier and the controller."""
     commands = [["worker", "--device", settings.device], ["verifier"], ["controller"]]
     remote = [name for name, spec in policy.engines.items()
               if spec.kind is EngineKind.openai_images]
     if remote:
         commands.append(["worker", "--engines", ",".join(remote), "--device", "none"])
+    simulated = [name for name, spec in policy.engines.items() if spec.kind is EngineKind.sim]
+    if simulated:
+        log.warning("engines %s are SIMULATED (kind: sim): they sleep instead of rendering "
+                    "and return blank images; sim is for benchmarks and tests, never for "
+                    "users", ", ".join(simulated))
+        commands.append(["worker", "--engines", ",".join(simulated), "--device", "sim"])
     return commands
-
-
-def start_child(settings: Settings, args: list[str]) -> subprocess.Popen[bytes]:
-    """``laneway ARGS`` in a child that loads this process's settings (the bundled
-    server's URL and the command line's options included)."""
-    return subprocess.Popen([sys.executable, "-m", "laneway.cli", *args],
-                            env=child_environ(settings, os.environ), preexec_fn=die_with_parent)
-
-
-def stop_process(process: subprocess.Popen[bytes], *, timeout_s: float) -> None:
-    if process.poll() is not None:
-        return
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
 
 
 class _StopRequested(Exception):
@@ -118,33 +105,29 @@ def _serve(settings: Settings, options: ServeOptions) -> None:
     policy = load_policy(options.policy_path)
     registry = Registry(settings.registry)
     ensure_models(policy, registry)
-    embedded: EmbeddedRedis | None = None
-    children: list[subprocess.Popen[bytes]] = []
+    embedded = None
+    if not settings.redis_url:
+        embedded = EmbeddedRedis(settings.embedded_dir)
+        url = embedded.start()
+        log.info("bundled server %s at %s", "reused" if embedded.reused else "started", url)
+        settings = settings.model_copy(update={"redis_url": url})
+    assert settings.redis_url
+    # children never see the admin token: only the API checks it
+    supervisor = Supervisor(settings.model_copy(update={"admin_token": None}), embedded)
     try:
-        if not settings.redis_url:
-            embedded = EmbeddedRedis(settings.embedded_dir)
-            url = embedded.start()
-            log.info("bundled server %s at %s", "reused" if embedded.reused else "started", url)
-            settings = settings.model_copy(update={"redis_url": url})
-        assert settings.redis_url
         asyncio.run(publish_policy(settings.redis_url, policy, registry))
-        if options.workers:
-            children = [start_child(settings, args)
-                        for args in child_commands(settings, policy)]
+        commands = child_commands(settings, policy) if options.workers else []
         if options.watch:
-            children.append(start_child(settings, ["policy", "watch", str(options.policy_path),
-                                                   "--registry", str(settings.registry)]))
+            commands.append(["policy", "watch", str(options.policy_path),
+                             "--registry", str(settings.registry)])
+        supervisor.start(commands)
         from router.app import create_app
 
         log.info("API on http://%s:%d (policy %s)", settings.host, settings.port,
                  policy.version_id[:19])
         # tenants' keys: the variables the policy names, read from this process's environment
-        uvicorn.run(create_app(settings, secrets=os.environ), host=settings.host,
-                    port=settings.port, log_level="warning", access_log=False)
+        app = create_app(settings, secrets=os.environ, host_problems=supervisor.problems)
+        uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning",
+                    access_log=False)
     finally:
-        for child in children:
-            child.send_signal(signal.SIGTERM)
-        for child in children:
-            stop_process(child, timeout_s=WORKER_DRAIN_S)
-        if embedded is not None:
-            embedded.stop()
+        supervisor.stop()  # children drain, then the bundled server stops
