@@ -2,10 +2,11 @@
 the bundled server.
 
 A thread looks at them every 0.2 s. A child that died is started again after a backoff
-(0.5 s, doubling to 30 s while it keeps dying); one that died ``GIVE_UP_AFTER`` times within
-``GIVE_UP_WINDOW_S`` is left down, logged as an error and reported by :meth:`problems`,
-which ``/readyz`` shows. The bundled server is started again on its port and data
-directory, so every client keeps its URL and the append-only file replays the jobs::
+(0.5 s, doubling with each death in the last ``GIVE_UP_WINDOW_S``); one that died
+``GIVE_UP_AFTER`` times within that window is left down, logged as an error and
+reported by :meth:`problems`, which ``/readyz`` shows. The bundled server is started
+again on its port and data directory, so every client keeps its URL and the append-only
+file replays the jobs::
 
     supervisor = Supervisor(settings, embedded)
     supervisor.start([["worker", "--device", "cpu"], ["verifier"]])
@@ -37,7 +38,6 @@ log = logging.getLogger("laneway.serve")
 
 CHECK_S = 0.2
 BACKOFF_FIRST_S = 0.5
-BACKOFF_MAX_S = 30.0
 GIVE_UP_AFTER = 5
 GIVE_UP_WINDOW_S = 120.0
 DRAIN_S = 30.0
@@ -64,7 +64,7 @@ class _Watched:
             log.error("%s died %d times in %.0f s; not starting it again", self.name,
                       len(self.deaths), GIVE_UP_WINDOW_S)
             return
-        delay = min(BACKOFF_FIRST_S * 2 ** (len(self.deaths) - 1), BACKOFF_MAX_S)
+        delay = BACKOFF_FIRST_S * 2 ** (len(self.deaths) - 1)
         self.restart_at = now + delay
         log.warning("%s died; starting it again in %.1f s", self.name, delay)
 

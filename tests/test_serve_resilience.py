@@ -20,6 +20,7 @@ from tests.service import Service, descendants, pid_alive
 
 #: issue 12: the bundled server killed with -9 is back within this long by itself
 VALKEY_BACK_S = 5.0
+ADMIN_TOKEN = "only-the-api-checks-this"
 
 
 def eventually(check: Callable[[], Any], *, timeout_s: float, what: str) -> Any:
@@ -62,17 +63,33 @@ def full_log(service: Service) -> str:
 @pytest.fixture
 def service(tmp_path: Path) -> Iterator[Service]:
     svc = Service(home=tmp_path / "home", registry=tmp_path / "registry",
-                  policy=POLICIES / "sim_serve.yaml")
+                  policy=POLICIES / "sim_serve.yaml",
+                  extra_env={"LANEWAY_ADMIN_TOKEN": ADMIN_TOKEN})
     svc.start()
     yield svc
     svc.stop()
 
 
-def test_a_sim_only_policy_is_served(service: Service) -> None:
+def environ(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def test_a_sim_only_policy_is_served_by_children_without_the_admin_token(
+        service: Service) -> None:
     with service.client() as client:
         job = client.post("/v1/images", json={"prompt": "a kite", "wait": 30}).json()
-    assert job["status"] == "completed", job
+        assert job["status"] == "completed", job
+        status = client.get("/v1/status").json()
     assert "SIMULATED" in full_log(service)
+    assert any("sim-draft" in w["slots"] for w in status["workers"]), status["workers"]
+    assert service.process is not None
+    assert ADMIN_TOKEN in environ(service.process.pid)  # the API has it
+    children = [p for p in descendants(service.process.pid) if "laneway.cli" in cmdline(p)]
+    assert len(children) >= 3  # workers, verifier, controller
+    assert not [p for p in children if ADMIN_TOKEN in environ(p)]
 
 
 def test_the_bundled_server_killed_comes_back_with_every_job(service: Service) -> None:
