@@ -5,6 +5,7 @@
     LanewayError
     ├── ClientError                 4xx: the caller sent something wrong; names field and value
     │   ├── ValidationFailed        422 (one or more field errors)
+    │   │   └── IdempotencyMismatch 422: an Idempotency-Key reused with another body
     │   ├── NotFound                404
     │   ├── Unauthorized            401
     │   ├── Forbidden               403
@@ -83,6 +84,10 @@ class ValidationFailed(ClientError):
     def of(cls, field: str, message: str, value: Any = None) -> ValidationFailed:
         shown = f" (got {value!r})" if value is not None else ""
         return cls(f"{field}: {message}{shown}", details=[FieldError(field, message, value)])
+
+
+class IdempotencyMismatch(ValidationFailed):
+    code = "idempotency_mismatch"
 
 
 class NotFound(ClientError):

@@ -35,7 +35,7 @@ from controlplane.telemetry import current_carrier, current_trace_id, tracer
 from controlplane.transitions import Change, Transitions
 from router.admission import AdmissionControl, Admitted, Outcome, record_outcome
 from router.engine_liveness import EngineLiveness
-from router.idempotency import IdempotencyKeys, check_key
+from router.idempotency import Claim, IdempotencyKeys, check_key
 from router.image_input import decode_image
 from router.requests import ImageRequest, check_against_policy, raise_if_any
 from router.routing import RequestFacts, choose_route
@@ -100,13 +100,14 @@ class Submitter:
         facts = RequestFacts(intent=req.intent, has_text=bool(req.expected_text()), tier=tier,
                              mode=req.mode, pixels=width * height)
         job_id = job_id or new_job_id()
+        claim = (None if idempotency_key is None
+                 else Claim.of(tenant, idempotency_key, job_id, req.model_dump_json()))
         with _tracer.start_as_current_span("laneway.route") as span:
             try:
                 asked = (policy.route(route_name) if route_name
                          else choose_route(policy, facts))
-                if idempotency_key is not None:
-                    original = await self.idempotency.claim_or_original(
-                        tenant, idempotency_key, job_id, self.jobs)
+                if claim is not None:
+                    original = await self.idempotency.claim_or_original(claim, self.jobs)
                     if original is not None:
                         span.set_attribute("laneway.idempotent_replay", original.id)
                         return Accepted(original, replayed=True)
@@ -114,13 +115,13 @@ class Submitter:
                     self.artifacts.save(self.artifacts.input_path(job_id, name), image)
                 try:
                     job, admitted = await self._admit(
-                        asked, snapshot, job_id, tier, idempotency_key, lora,
+                        asked, snapshot, job_id, tier, claim, lora,
                         lambda route, stages, admitted: self._new_job(
                             job_id, req, route, stages, admitted, tenant=tenant, tier=tier,
                             lora=lora, width=width, height=height))
                 except LanewayError:
-                    if idempotency_key is not None:
-                        await self.idempotency.release(tenant, idempotency_key, job_id)
+                    if claim is not None:
+                        await self.idempotency.release(claim)
                     raise
             except LanewayError as exc:
                 span.set_status(Status(StatusCode.ERROR, exc.message))
@@ -134,7 +135,7 @@ class Submitter:
         return Accepted(job)
 
     async def _admit(self, asked: Route, snapshot: Snapshot, job_id: str, tier: str,
-                     idempotency_key: str | None, lora: LoraRequest | None,
+                     claim: Claim | None, lora: LoraRequest | None,
                      make_job: Callable[[Route, list[StageRecord], Admitted], Job],
                      ) -> tuple[Job, Admitted]:
         """Accept the job on ``asked``, or where its ``on_full`` sends it when it is full.
@@ -152,7 +153,7 @@ class Submitter:
                 span.set_attribute("laneway.stream", keys.deferred_stream() if admitted.deferred
                                    else keys.engine_stream(job.stages[0].engine, tier))
                 created = await self.transitions.create(
-                    self._accept_change(job, asked, admitted, idempotency_key),
+                    self._accept_change(job, asked, admitted, claim),
                     bound=None if admitted.deferred else self.admission.bound(route))
             if created.created:
                 return job, admitted
@@ -186,7 +187,7 @@ class Submitter:
         )
 
     def _accept_change(self, job: Job, asked: Route, admitted: Admitted,
-                       idempotency_key: str | None) -> Change:
+                       claim: Claim | None) -> Change:
         """The accepted job: its first stage entry, or a deferred entry, and counters."""
         change = Change(job)
         if admitted.deferred:
@@ -200,9 +201,8 @@ class Submitter:
         route_counters.on_accept(change.effects, job.route)
         record_outcome(change.effects, route=asked.name, tier=job.request.tier,
                        outcome=admitted.outcome)
-        if idempotency_key is not None:
-            self.idempotency.commit(change.effects, job.request.tenant, idempotency_key,
-                                    job.id)
+        if claim is not None:
+            self.idempotency.commit(change.effects, claim)
         return change
 
     def _resolve_lora(self, req: ImageRequest, errors: list[FieldError]

@@ -44,6 +44,22 @@ async def test_same_key_twice_returns_the_original_job(make_router: RouterFactor
         assert bad.status_code == 422 and "Idempotency-Key" in bad.json()["error"]["message"]
 
 
+async def test_the_same_key_with_another_body_is_refused(make_router: RouterFactory,
+                                                         policy: Policy) -> None:
+    async with make_router(policy) as router:
+        key = {"Idempotency-Key": "order-9"}
+        first = await router.submit(key, intent="draft", seed=7)
+        assert first.status_code == 202, first.text
+        other = await router.submit(key, intent="draft", seed=8)
+        assert other.status_code == 422, other.text
+        error = other.json()["error"]
+        assert error["code"] == "idempotency_mismatch"
+        assert error["details"][0]["field"] == "Idempotency-Key"
+        assert await router.redis.xlen(LANE) == 1  # nothing else was accepted
+        again = await router.submit(key, intent="draft", seed=7)
+        assert again.json()["id"] == first.json()["id"]
+
+
 async def test_concurrent_requests_with_one_key_create_one_job(make_router: RouterFactory,
                                                                policy: Policy) -> None:
     async with make_router(policy) as router:
