@@ -2,7 +2,9 @@
 
 The way a git-sync sidecar updates a mounted file: poll the file's content hash every
 ``poll_s``; a changed file is validated and put in force for every process; an invalid one
-is refused with its errors logged and the last good policy stays in force.
+is refused with its errors logged and the last good policy stays in force. A file whose
+apply did not reach Redis (not answering, restarting) is tried again at the next poll: its
+hash is recorded only once the apply has answered.
 """
 
 from __future__ import annotations
@@ -46,17 +48,20 @@ class PolicyWatcher:
         digest = hashlib.sha256(text.encode()).hexdigest()
         if digest == self.seen_sha256:
             return None
-        self.seen_sha256 = digest
         try:
             applied = await apply_policy_text(
                 self.redis, text, self.registry, actor=ACTOR, source=str(self.path),
                 reason=f"{self.path.name} changed (file sha256 {digest[:12]})")
+        except aioredis.RedisError as exc:
+            log.warning("%s not applied yet (Redis: %s); trying again", self.path, exc)
+            return None
         except PolicyError as exc:
+            self.seen_sha256 = digest
             self.last_errors = [f"{d.field}: {d.message}" for d in exc.details] or [exc.message]
             log.error("%s refused, the last good policy stays in force: %s", self.path,
                       "; ".join(self.last_errors))
             return None
-        self.last_errors = []
+        self.seen_sha256, self.last_errors = digest, []
         if applied.changed:
             log.info("%s applied: policy %s", self.path, applied.version[:19])
         return applied

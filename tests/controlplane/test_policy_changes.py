@@ -15,6 +15,7 @@ from controlplane.policy_store import PolicyStore
 from controlplane.policy_watch import PolicyWatcher
 from controlplane.registry import Registry
 from tests.controlplane.rollout_fixtures import POLICY_YAML, policy
+from tests.service import free_port
 
 
 @pytest.fixture
@@ -39,6 +40,21 @@ async def test_watch_applies_edits_and_keeps_the_last_good_policy(
     assert await watcher.check_once() is None
     assert any("routes[0].match.intent" in e for e in watcher.last_errors), watcher.last_errors
     assert await PolicyStore(redis).current_version() == policy(2).version_id
+
+
+async def test_watch_tries_again_when_redis_did_not_answer(
+        redis: aioredis.Redis, tiny_registry: Registry, tmp_path: Path) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_text(POLICY_YAML)
+    nobody = aioredis.Redis.from_url(f"redis://127.0.0.1:{free_port()}/0")
+    watcher = PolicyWatcher(nobody, path, tiny_registry)
+    assert await watcher.check_once() is None  # refused connection: nothing recorded
+    assert watcher.seen_sha256 is None and watcher.last_errors == []
+    await nobody.aclose()
+    watcher.redis = redis  # Redis is back
+    applied = await watcher.check_once()
+    assert applied is not None and applied.version == policy(1).version_id
+    assert await PolicyStore(redis).current_version() == policy(1).version_id
 
 
 async def test_apply_refuses_unknown_models_and_rollback_goes_back(
