@@ -62,6 +62,9 @@ class Settings(BaseSettings):
         default=None, gt=0,
         description="verifier: threads per onnxruntime session (unset: one per core)")
     admin_token: str | None = None
+    metrics_token: str | None = Field(
+        default=None, description="API: when set, GET /metrics needs Authorization: Bearer "
+                                  "with it (Prometheus' authorization.credentials)")
     node_name: str = Field(default="node-1", description="prefix of worker names")
     drain_timeout_s: float = Field(default=30.0, description="worker: finish running "
                                    "stages for this long on SIGTERM, then hand them back")

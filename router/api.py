@@ -18,7 +18,7 @@ from litestar.response import File, ServerSentEvent, ServerSentEventMessage
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from controlplane.artifacts import ArtifactStore
-from controlplane.errors import NotFound, ValidationFailed
+from controlplane.errors import Forbidden, NotFound, ValidationFailed
 from controlplane.jobs import Job, JobStore
 from controlplane.live_config import LiveConfig
 from controlplane.settings import Settings
@@ -29,7 +29,7 @@ from router.metrics import render_metrics
 from router.requests import ImageRequest
 from router.status import status_body
 from router.submit import Submitter, new_job_id
-from router.tenants import authenticate
+from router.tenants import authenticate, token_matches, viewer
 from router.waiters import JobWaiters
 
 AuthorizationHeader = Annotated[str | None, Parameter(header="Authorization", required=False)]
@@ -69,9 +69,10 @@ def _job_response(job: Job, *, status_code: int = 200) -> Response[dict[str, Any
 async def _visible_job(api: ApiState, job_id: str, authorization: str | None) -> Job:
     """The job, if the caller may see it: with tenants, only the tenant's own (else 404)."""
     policy = api.live.snapshot.policy
+    # authenticate first: an unknown caller learns nothing, not even whether the id exists
+    tenant = authenticate(policy, authorization, secrets=api.secrets)
     job = await api.jobs.get(job_id)
-    if policy.tenants and job.request.tenant != authenticate(policy, authorization,
-                                                            secrets=api.secrets):
+    if policy.tenants and job.request.tenant != tenant:
         raise NotFound(f"job {job_id!r} does not exist")
     return job
 
@@ -155,21 +156,51 @@ class SystemController(Controller):
     dependencies = {"api": Provide(provide_api, sync_to_thread=False)}
 
     @get("/v1/routes", operation_id="getRoutes")
-    async def routes(self, api: ApiState) -> dict[str, Any]:
-        """The policy in force: its version, routes and engines."""
+    async def routes(self, api: ApiState,
+                     authorization: AuthorizationHeader = None) -> dict[str, Any]:
+        """The policy in force: its version, routes and engines.
+
+        With tenants it takes a tenant key (which sees its own tenant entry only) or the
+        admin token.
+        """
         policy = api.live.snapshot.policy
+        who = viewer(policy, authorization, secrets=api.secrets,
+                     admin_token=api.settings.admin_token)
         body = policy.model_dump(mode="json")
+        if not who.sees_all:
+            body["tenants"] = {who.tenant: body["tenants"][who.tenant]}
         body["policy_version"] = policy.version_id
         return body
 
     @get("/v1/status", operation_id="getStatus")
-    async def status(self, api: ApiState) -> dict[str, Any]:
-        """Lanes (depth, oldest age), live workers (slots, heartbeat) and deployments."""
-        return await status_body(api.redis, api.live.snapshot)
+    async def status(self, api: ApiState,
+                     authorization: AuthorizationHeader = None) -> dict[str, Any]:
+        """Lanes (depth, oldest age), live workers (slots, heartbeat) and deployments.
+
+        With tenants it takes a tenant key or the admin token; a tenant sees the lanes of
+        the tiers it may use and the deferred queue, not workers, deployments or rollouts.
+        """
+        snapshot = api.live.snapshot
+        who = viewer(snapshot.policy, authorization, secrets=api.secrets,
+                     admin_token=api.settings.admin_token)
+        body = await status_body(api.redis, snapshot)
+        if who.sees_all:
+            return body
+        spec = snapshot.policy.tenants[who.tenant or ""]
+        tiers = set(spec.tiers or snapshot.policy.tiers)
+        return {"policy_version": body["policy_version"], "deferred": body["deferred"],
+                "lanes": [lane for lane in body["lanes"] if lane["tier"] in tiers]}
 
     @get("/metrics", operation_id="metrics", media_type=CONTENT_TYPE_LATEST)
-    async def metrics(self, api: ApiState) -> Response[bytes]:
-        """Prometheus text: lanes, slots, stage times, admission, job outcomes, spend."""
+    async def metrics(self, api: ApiState,
+                      authorization: AuthorizationHeader = None) -> Response[bytes]:
+        """Prometheus text: lanes, slots, stage times, admission, job outcomes, spend.
+
+        With ``LANEWAY_METRICS_TOKEN`` set, scrapes carry ``Authorization: Bearer TOKEN``.
+        """
+        token = api.settings.metrics_token
+        if token and not token_matches(authorization, token):
+            raise Forbidden("metrics token not accepted")
         body = await render_metrics(api.redis, api.live.snapshot.policy)
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
