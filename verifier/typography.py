@@ -9,6 +9,12 @@ respectively. A phrase's score is ``1 - edits / len(phrase)``, where ``edits`` i
 edit distance from the phrase to the best-matching stretch of the OCR text, taken over
 every run of up to ``MAX_JOINED_REGIONS`` consecutive regions in reading order (OCR often
 splits a phrase at word gaps or line breaks). Text around the phrase costs nothing.
+
+Matching is quadratic in the texts' lengths, so one image's matching has a budget of
+``MATCH_BUDGET_CELLS`` edit-distance cells (about half a second on one core): a candidate
+that does not fit in what is left is not scored, so a phrase far longer than any poster
+scores what it reached (0 when it is the first) and fails the check instead of holding
+the verifier — every other job's verdict waits behind at most one budget.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from controlplane.verification import Typography
 # small text (20 px type is 12.5 px to the detector) at under 40% of the full-size cost.
 DETECTOR_LONG_SIDE_PX = 640
 MAX_JOINED_REGIONS = 4
+MATCH_BUDGET_CELLS = 2_000_000
 #: threads per onnxruntime session (None: onnxruntime's default, one per core); set once at
 #: process start from ``Settings.ocr_threads`` by :func:`set_ocr_threads`
 _ocr_threads: int | None = None
@@ -150,13 +157,33 @@ def similarity(expected: str, found: str) -> float:
     return max(0.0, 1.0 - min(previous) / len(phrase))
 
 
-def best_match(expected: str, regions: list[Region]) -> tuple[str | None, float]:
-    """The run of consecutive regions that matches ``expected`` best, and its score."""
+class MatchBudget:
+    """Edit-distance cells one image's matching may still spend."""
+
+    def __init__(self, cells: int = MATCH_BUDGET_CELLS) -> None:
+        self.left = cells
+
+    def spend(self, expected: str, found: str) -> bool:
+        """Take the cost of matching ``expected`` in ``found`` if it fits."""
+        cost = len(expected) * len(found)
+        if cost > self.left:
+            return False
+        self.left -= cost
+        return True
+
+
+def best_match(expected: str, regions: list[Region], budget: MatchBudget | None = None
+               ) -> tuple[str | None, float]:
+    """The run of consecutive regions that matches ``expected`` best, and its score; runs
+    that do not fit in ``budget`` are not scored."""
+    budget = budget or MatchBudget()
     best_text: str | None = None
     best_score = 0.0
     for start in range(len(regions)):
         for stop in range(start + 1, min(start + MAX_JOINED_REGIONS, len(regions)) + 1):
             text = " ".join(region.text for region in regions[start:stop])
+            if not budget.spend(expected, text):
+                continue
             score = similarity(expected, text)
             # Strictly greater: on a tie the shorter run (fewer unrelated words) is kept.
             if score > best_score:
@@ -176,7 +203,8 @@ def check_typography(
     if not expected:
         raise ValueError("check_typography needs at least one expected phrase, got []")
     regions = read_regions(image, det_long_side_px=det_long_side_px)
-    matches = [best_match(phrase, regions) for phrase in expected]
+    budget = MatchBudget()
+    matches = [best_match(phrase, regions, budget) for phrase in expected]
     scores = [round(score, 4) for _, score in matches]
     score = min(scores)
     return Typography(

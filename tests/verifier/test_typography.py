@@ -4,6 +4,9 @@ import pytest
 
 from tests.verifier.conftest import poster
 from verifier.typography import (
+    MatchBudget,
+    Region,
+    best_match,
     check_typography,
     normalise,
     ocr_params,
@@ -89,3 +92,28 @@ def test_ocr_threads_reach_onnxruntime_only_when_set() -> None:
     assert params["EngineConfig.onnxruntime.inter_op_num_threads"] == 1
     with pytest.raises(ValueError, match="OCR threads must be a positive integer, got 0"):
         set_ocr_threads(0)
+
+
+def _regions(*texts: str) -> list[Region]:
+    return [Region(text, 0.9, top_px=i * 30, bottom_px=i * 30 + 20, left_px=0)
+            for i, text in enumerate(texts)]
+
+
+def test_a_phrase_over_the_budget_is_not_scored_and_leaves_it_to_the_others() -> None:
+    regions = _regions("GRAND OPENING", "TODAY ONLY")
+    budget = MatchBudget()
+    huge = "A" * 2_000_000
+    assert best_match(huge, regions, budget) == (None, 0.0)
+    assert budget.left == MatchBudget().left  # nothing was spent on it
+    found, score = best_match("GRAND OPENING", regions, budget)
+    assert (found, score) == ("GRAND OPENING", 1.0)
+    assert budget.left < MatchBudget().left
+
+
+def test_matching_stops_where_the_budget_ends() -> None:
+    regions = _regions("NOTHING HERE", "OPEN 24 HOURS")
+    phrase = "OPEN 24 HOURS"
+    # room for the first candidate only: the region holding the phrase is never scored
+    budget = MatchBudget(cells=len(phrase) * len("NOTHING HERE"))
+    assert best_match(phrase, regions, budget)[1] < 0.5
+    assert best_match(phrase, regions)[1] == 1.0
