@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 
 from controlplane.settings import Settings
+from laneway.admin_token import admin_token_for
 
 TIMEOUT_S = 30.0
 
@@ -57,8 +58,9 @@ class AdminClient:
 
     @classmethod
     def from_settings(cls, settings: Settings, *, actor: str | None = None) -> AdminClient:
-        """A client of the server at ``settings.url`` with the admin token, if any."""
-        return cls(url=settings.url, token=settings.admin_token, actor=actor)
+        """A client of the server at ``settings.url`` with the admin token, if any (the
+        embedded default's token file for a server on loopback)."""
+        return cls(url=settings.url, token=admin_token_for(settings), actor=actor)
 
     def __enter__(self) -> AdminClient:
         return self

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
+from importlib import resources
 from pathlib import Path
 from typing import Annotated
 
@@ -21,6 +22,8 @@ from laneway import cli_admin
 from laneway.cli_settings import current_settings, load_at_start
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+#: the policy ``laneway serve`` applies when no ``--policy`` is given
+DEFAULT_POLICY = "tiny.yaml"
 
 app = typer.Typer(help="Laneway: an intent-routing control plane for image generation.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -49,8 +52,9 @@ def _fail(message: str, code: int = EXIT_REFUSED) -> typer.Exit:
 
 @app.command()
 def serve(
-    policy: Annotated[Path, typer.Option(help="Policy YAML to apply at start.")] = Path(
-        "policies/tiny.yaml"),
+    policy: Annotated[Path | None, typer.Option(
+        help="Policy YAML to apply at start (default: the packaged tiny policy, "
+             "policies/tiny.yaml).")] = None,
     redis_url: RedisUrl = None,
     host: Annotated[str | None, typer.Option(
         help="Interface of the HTTP API (default LANEWAY_HOST, else 127.0.0.1).")] = None,
@@ -68,11 +72,12 @@ def serve(
     from laneway.serve import serve as run_serve
 
     settings = current_settings(redis_url=redis_url, host=host, port=port, registry=registry)
+    policy_path = policy or packaged_policy(DEFAULT_POLICY)
     try:
-        run_serve(settings, ServeOptions(policy_path=policy, workers=not no_workers,
+        run_serve(settings, ServeOptions(policy_path=policy_path, workers=not no_workers,
                                          watch=watch))
     except PolicyError as exc:
-        _print_policy_errors(exc, str(policy))
+        _print_policy_errors(exc, str(policy_path))
         raise typer.Exit(EXIT_REFUSED) from None
     except (LanewayError, EmbeddedServerError) as exc:
         raise _fail(f"laneway serve: {exc}") from None
@@ -113,10 +118,12 @@ def verify(
     image: Annotated[Path, typer.Argument(help="Image file to check.")],
     text: Annotated[list[str] | None, typer.Option(
         "--text", help="Text the image must show (repeatable).")] = None,
-    policy: Annotated[Path, typer.Option(help="Policy whose thresholds apply.")] = Path(
-        "policies/tiny.yaml"),
+    policy: Annotated[Path | None, typer.Option(
+        help="Policy whose thresholds apply (default: the verifier's default thresholds).")
+    ] = None,
     route: Annotated[str | None, typer.Option(
-        help="Route whose verify block applies (default: the first route with one).")] = None,
+        help="Route of --policy whose verify block applies (default: the first route "
+             "with one).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Run the verifier's checks on an image file; exit 0 passed, 1 failed, 2 unreadable."""
@@ -125,6 +132,10 @@ def verify(
     from verifier.typography import set_ocr_threads
 
     set_ocr_threads(current_settings().ocr_threads)
+    if policy is None:
+        if route is not None:
+            raise _fail("--route needs --policy: the policy that names the route", EXIT_USAGE)
+        raise typer.Exit(run(image, texts=text or [], verify=Verify(), as_json=as_json))
     try:
         loaded = load_policy(policy)
     except PolicyError as exc:
@@ -139,6 +150,11 @@ def verify(
     else:
         checks = next((r.verify for r in loaded.routes if r.verify is not None), Verify())
     raise typer.Exit(run(image, texts=text or [], verify=checks, as_json=as_json))
+
+
+def packaged_policy(name: str) -> Path:
+    """A policy shipped inside the package (``policies/NAME``), found from any directory."""
+    return Path(str(resources.files("policies") / name))
 
 
 def _print_policy_errors(exc: PolicyError, source: str) -> None:

