@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import json
 import logging
 import time
 from collections import OrderedDict
@@ -52,6 +53,9 @@ _tracer = tracer("laneway.worker")
 
 VERSIONS_PER_SLOT = 2
 CANCELLED_KEPT = 10_000
+#: the PNG text chunk of a final image: JSON of the job, prompt, seed, model versions,
+#: policy version and route it came from
+PROVENANCE_CHUNK = "laneway"
 
 
 @dataclass
@@ -367,13 +371,15 @@ class StageRunner:
             for i, image in enumerate(images):
                 artifacts.save(artifacts.stage_path(job.id, index, i), image)
             return
-        versions = {s.engine: f"{s.model}@{s.model_version}" for s in job.stages if s.model}
+        versions = {s.engine: {"model": s.model, "version": s.model_version}
+                    for s in job.stages if s.model}
         for i, image in enumerate(images):
             artifacts.save(artifacts.final_path(job.id, i), image, {
-                "laneway:job_id": job.id, "laneway:prompt": job.request.prompt,
-                "laneway:seed": str(job.request.seed + i),
-                "laneway:model_versions": str(versions),
-                "laneway:policy_version": job.policy_version, "laneway:route": job.route,
+                PROVENANCE_CHUNK: json.dumps({
+                    "job_id": job.id, "prompt": job.request.prompt,
+                    "seed": job.request.seed + i, "model_versions": versions,
+                    "policy_version": job.policy_version, "route": job.route,
+                }, sort_keys=True),
             })
 
 

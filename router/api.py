@@ -137,7 +137,8 @@ class JobsController(Controller):
          media_type="image/png")
     async def get_image(self, job_id: str, index: int, api: ApiState, format: str = "png",
                         authorization: AuthorizationHeader = None) -> Response[bytes] | File:
-        """The image, PNG by default, with generation metadata in its text chunks."""
+        """The image, PNG by default, with its provenance as JSON in its ``laneway`` text
+        chunk (job, prompt, seed, model versions, policy version, route)."""
         job = await _visible_job(api, job_id, authorization)
         if not 0 <= index < len(job.images):
             raise NotFound(f"job {job_id} has no image {index} (it has {len(job.images)})")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -50,8 +51,12 @@ def test_draft_returns_an_image_of_the_requested_size(service: Service) -> None:
     assert png.status_code == 200 and png.headers["content-type"] == "image/png"
     image = Image.open(BytesIO(png.content))
     assert image.size == (64, 48)
-    assert image.text["laneway:policy_version"] == job["policy_version"]
-    assert image.text["laneway:seed"] == str(job["seed"])
+    provenance = json.loads(image.text["laneway"])
+    assert provenance["policy_version"] == job["policy_version"]
+    assert provenance["seed"] == job["seed"] and provenance["job_id"] == job["id"]
+    assert provenance["model_versions"] == {
+        stage["engine"]: {"model": stage["model"], "version": stage["model_version"]}
+        for stage in job["stages"]}
 
 
 @pytest.mark.parametrize(("body", "route", "engine", "steps"), [
