@@ -3,6 +3,10 @@
 The exporter is chosen by the standard variables: ``OTEL_TRACES_EXPORTER`` (``otlp`` or
 ``console``; ``none`` or unset with no ``OTEL_EXPORTER_OTLP_*ENDPOINT`` means no export).
 OTLP goes over HTTP/protobuf to ``OTEL_EXPORTER_OTLP_ENDPOINT`` (or the traces endpoint).
+
+Redis commands are spans too (opentelemetry-instrumentation-redis), but only under a span
+of ours — a request, an accept, a stage: their provider samples no root span, so the
+heartbeats and polls of background loops export nothing.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from opentelemetry.sdk.trace.export import (
     ConsoleSpanExporter,
     SpanExporter,
 )
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased
 
 _configured = False
 
@@ -51,9 +56,16 @@ def setup_tracing(service_name: str) -> None:
     else:
         raise ValueError(f"OTEL_TRACES_EXPORTER={exporter_name!r}: use otlp, console or none")
     service = os.environ.get("OTEL_SERVICE_NAME", service_name)
-    provider = TracerProvider(resource=Resource.create({"service.name": service}))
-    provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=200))
+    resource = Resource.create({"service.name": service})
+    processor = BatchSpanProcessor(exporter, schedule_delay_millis=200)
+    provider = TracerProvider(resource=resource)
+    provider.add_span_processor(processor)
     trace.set_tracer_provider(provider)
+    from opentelemetry.instrumentation.redis import RedisInstrumentor
+
+    redis_provider = TracerProvider(resource=resource, sampler=ParentBased(ALWAYS_OFF))
+    redis_provider.add_span_processor(processor)
+    RedisInstrumentor().instrument(tracer_provider=redis_provider)
 
 
 def shutdown_tracing() -> None:

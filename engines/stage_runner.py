@@ -10,6 +10,7 @@ batch-mates run again without it; an unavailable engine moves its items to a fal
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import json
 import logging
@@ -258,38 +259,44 @@ class StageRunner:
     # -- the engine call -----------------------------------------------------------------
 
     async def _run_group(self, slot: Slot, works: list[Work]) -> None:
+        """One engine call for ``works`` and the outcome it commits, in one stage span (the
+        commit's Redis commands are its children)."""
         if self.hand_back_now:
             for work in works:
                 await self.outcomes.hand_back(work.entry, work.job, work.attempt,
                                               "worker is draining")
             return
-        try:
-            images, run_ms = await self._call(slot, works)
-        except StageStopped as exc:
+        with self._stage_span(works) as span:
+            try:
+                images, run_ms = await self._call(slot, works)
+            except Exception as exc:
+                span.record_exception(exc)
+                span.set_status(Status(StatusCode.ERROR, describe(exc)))
+                await self._after_failure(slot, works, exc)
+                return
+            for work, outputs in zip(works, images, strict=True):
+                await self.outcomes.complete(
+                    work.entry, work.job, work.attempt, outputs, run_ms=run_ms,
+                    progress=await self.progress.take(work.job.id), batch_size=len(works),
+                    cost=_cost(work.spec, outputs, run_ms, len(works)),
+                    verify=work.policy.route(work.job.route).verify is not None)
+
+    async def _after_failure(self, slot: Slot, works: list[Work], exc: Exception) -> None:
+        if isinstance(exc, StageStopped):
             await self._stopped(slot, works, exc)
-            return
-        except EngineUnavailable as exc:
+        elif isinstance(exc, EngineUnavailable):
             for work in works:
                 await self._fall_back(work, exc)
-            return
-        except Exception as exc:
-            if len(works) > 1:  # retry singly before failing anyone
-                log.warning("batch of %d failed (%s); retrying items singly", len(works),
-                            describe(exc))
-                for work in works:
-                    await self._run_group(slot, [work])
-                return
+        elif len(works) > 1:  # retry singly before failing anyone
+            log.warning("batch of %d failed (%s); retrying items singly", len(works),
+                        describe(exc))
+            for work in works:
+                await self._run_group(slot, [work])
+        else:
             log.warning("stage of job %s failed: %s", works[0].job.id, describe(exc))
             work = works[0]
             await self.outcomes.fail(work.entry, work.job, work.attempt, describe(exc),
                                      progress=await self.progress.take(work.job.id))
-            return
-        for work, outputs in zip(works, images, strict=True):
-            await self.outcomes.complete(
-                work.entry, work.job, work.attempt, outputs, run_ms=run_ms,
-                progress=await self.progress.take(work.job.id), batch_size=len(works),
-                cost=_cost(work.spec, outputs, run_ms, len(works)),
-                verify=work.policy.route(work.job.route).verify is not None)
 
     async def _stopped(self, slot: Slot, works: list[Work], exc: StageStopped) -> None:
         if isinstance(exc, WorkerDraining):
@@ -326,30 +333,28 @@ class StageRunner:
         await self.outcomes.fail(work.entry, work.job, work.attempt,
                                  f"{describe(exc)}; no fallback engine available")
 
-    async def _call(self, slot: Slot, works: list[Work]) -> tuple[list[list[Image.Image]], int]:
-        """One pipeline call for ``works`` in a thread; outputs stored before returning."""
+    def _stage_span(self, works: list[Work]) -> contextlib.AbstractContextManager[trace.Span]:
+        """The span of one engine call, in the first item's trace, linking every item's."""
         first = works[0]
         record = first.job.stages[first.entry.message.stage]
         links = [Link(trace.get_current_span(context_from(w.entry.message.trace))
                       .get_span_context()) for w in works]
-        with _tracer.start_as_current_span(
+        return _tracer.start_as_current_span(
             "laneway.stage", context=context_from(first.entry.message.trace),
             kind=SpanKind.CONSUMER, links=links,
             attributes={"laneway.job_id": first.job.id, "laneway.stage": first.entry.message.stage,
                         "laneway.engine": record.engine, "laneway.model": record.model or "",
                         "laneway.model_version": record.model_version or "",
                         "laneway.worker": self.ctx.worker, "laneway.batch_size": len(works)},
-        ) as span:
-            slot.busy = True
-            try:
-                loop = asyncio.get_running_loop()
-                # the engine's thread runs in this context, so its spans join the stage's trace
-                return await loop.run_in_executor(
-                    self.ctx.executor, contextvars.copy_context().run, self._work, slot, works)
-            except Exception as exc:
-                span.record_exception(exc)
-                span.set_status(Status(StatusCode.ERROR, describe(exc)))
-                raise
+            record_exception=False, set_status_on_exception=False)
+
+    async def _call(self, slot: Slot, works: list[Work]) -> tuple[list[list[Image.Image]], int]:
+        """One pipeline call for ``works`` in a thread; outputs stored before returning."""
+        slot.busy = True
+        loop = asyncio.get_running_loop()
+        # the engine's thread runs in this context, so its spans join the stage's trace
+        return await loop.run_in_executor(
+            self.ctx.executor, contextvars.copy_context().run, self._work, slot, works)
 
     def _work(self, slot: Slot, works: list[Work]) -> tuple[list[list[Image.Image]], int]:
         first = works[0]

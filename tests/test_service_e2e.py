@@ -163,6 +163,12 @@ def test_one_trace_spans_the_api_and_the_worker(service: Service,
     assert by_name["laneway.route"]["service"] == "laneway-router"
     http_spans = [s for s in spans if s["service"] == "laneway-router" and not s["parent"]]
     assert http_spans, "the HTTP request span is the trace's root"
+    stage_ids = {s["span_id"] for s in spans if s["name"] == "laneway.stage"}
+    redis_children = [s for s in spans if s["parent"] in stage_ids
+                      and s["attributes"].get("db.system") == "redis"]
+    assert redis_children, "the stage's Redis commands are its child spans"
+    assert all(s["parent"] for s in collector.spans
+               if s["attributes"].get("db.system") == "redis"), "no root Redis spans"
 
 
 def test_openapi_schema_is_served(service: Service) -> None:
