@@ -57,7 +57,7 @@ def instances(tiny_registry: Registry, tmp_path_factory: pytest.TempPathFactory,
         B_URL=f"{b.url}/v1", CAPPED_URL=providers["capped"].base_url,
         LEAKY_URL=providers["leaky"].base_url))
     a = Service(home=home, registry=tiny_registry.root, policy=policy, extra_env={
-        "LANEWAY_TEST_REMOTE_KEY": API_KEY, **collector.env("laneway-a")})
+        "LANEWAY_PROVIDER_TEST_KEY": API_KEY, **collector.env("laneway-a")})
     with ThreadPoolExecutor(max_workers=2) as pool:
         list(pool.map(Service.start, (a, b)))
     yield a, b

@@ -25,7 +25,7 @@ from tests.controlplane.test_circuit import Clock
 from tests.provider import Provider, Reply
 
 API_KEY = "sk-test-1f2e3d4c5b6a-never-print-me"
-KEY_ENV = "LANEWAY_TEST_PROVIDER_KEY"
+KEY_ENV = "LANEWAY_PROVIDER_TEST_KEY"
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +65,9 @@ def make(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Maker]:
     def make_engine(base_url: str, *, name: str = "hosted", sleeps: list[float] | None = None,
                     clock: Clock | None = None, **fields: object) -> OpenAIImagesEngine:
         spec = EngineSpec.model_validate({
-            "kind": "http.openai_images", "base_url": base_url, "model": "hosted-turbo",
-            "api_key_env": KEY_ENV, "timeout_s": 2, "max_attempts": 3, **fields})
+            "kind": "http.openai_images", "base_url": base_url, "allow_insecure": True,
+            "model": "hosted-turbo", "api_key_env": KEY_ENV, "timeout_s": 2,
+            "max_attempts": 3, **fields})
         engine = OpenAIImagesEngine(
             spec, redis_url=redis_url,
             sleep=sleeps.append if sleeps is not None else time.sleep,
@@ -112,7 +113,7 @@ def test_generates_decoded_images_of_the_requested_size(make: Maker, provider: P
 def test_the_factory_builds_it_named_with_the_redis_url_it_is_given(
         redis_url: str, provider: Provider, tiny_registry: Registry) -> None:
     spec = EngineSpec.model_validate({"kind": "http.openai_images", "model": "m",
-                                      "base_url": provider.base_url})
+                                      "base_url": provider.base_url, "allow_insecure": True})
     with pytest.raises(InternalError, match="need a Redis URL"):
         build_engine(spec, registry=tiny_registry, model_version="", device="none",
                      name="hosted")
@@ -166,12 +167,13 @@ def test_other_4xx_fail_at_once_and_never_leak_the_key(make: Maker, provider: Pr
 
 def test_a_missing_key_variable_is_named_without_a_value(
         redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("LANEWAY_TEST_MISSING_KEY", raising=False)
+    monkeypatch.delenv("LANEWAY_PROVIDER_TEST_MISSING_KEY", raising=False)
     spec = EngineSpec.model_validate({"kind": "http.openai_images", "model": "m",
                                       "base_url": "http://127.0.0.1:9/v1",
-                                      "api_key_env": "LANEWAY_TEST_MISSING_KEY"})
+                                      "allow_insecure": True,
+                                      "api_key_env": "LANEWAY_PROVIDER_TEST_MISSING_KEY"})
     with pytest.raises(Exception, match="api_key_env: environment variable "
-                                        "LANEWAY_TEST_MISSING_KEY is not set"):
+                                        "LANEWAY_PROVIDER_TEST_MISSING_KEY is not set"):
         OpenAIImagesEngine(spec, redis_url=redis_url)
 
 
