@@ -9,19 +9,43 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from enum import StrEnum
 from functools import cached_property
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from controlplane.errors import FieldError
-from controlplane.settings import ENV_PREFIX, RESERVED_PREFIXES, SECRET_PREFIX
+from controlplane.settings import (
+    ENV_PREFIX,
+    PROVIDER_PREFIX,
+    RESERVED_PREFIXES,
+    SECRET_PREFIX,
+    Settings,
+    setting_names,
+)
+
+
+def _not_a_setting(name: str) -> None:
+    if name.upper() in setting_names():
+        raise ValueError(f"{name} is a Laneway setting; a policy names the variable of a "
+                         "secret, never a setting")
 
 
 def _secret_env_name(name: str) -> str:
     """A variable that holds a secret must not look like a setting (it would stop the
     process at start as an unknown one): ``LANEWAY_`` names need ``LANEWAY_KEY_``."""
+    _not_a_setting(name)
     upper = name.upper()
     if upper.startswith(ENV_PREFIX) and not upper.startswith(RESERVED_PREFIXES):
         raise ValueError(f"{ENV_PREFIX} names are settings; name a secret "
@@ -30,8 +54,21 @@ def _secret_env_name(name: str) -> str:
     return name
 
 
+def _provider_key_env_name(name: str) -> str:
+    """A remote engine's key variable is never a setting; which prefixes it may have is
+    the operator's choice (:func:`check_remote_engines`)."""
+    _not_a_setting(name)
+    upper = name.upper()
+    if upper.startswith(ENV_PREFIX) and not upper.startswith(RESERVED_PREFIXES):
+        raise ValueError(f"{ENV_PREFIX} names are settings; name a provider's key "
+                         f"{PROVIDER_PREFIX}{upper.removeprefix(ENV_PREFIX)}")
+    return name
+
+
 SecretEnvName = Annotated[str, AfterValidator(_secret_env_name)]
 """The name of the environment variable that holds a secret (never the secret)."""
+ProviderKeyEnvName = Annotated[str, AfterValidator(_provider_key_env_name)]
+"""The name of the environment variable that holds a remote engine's API key."""
 
 
 class Strict(BaseModel):
@@ -116,12 +153,31 @@ class EngineSpec(Strict):
     cost_per_device_s: float | None = Field(default=None, ge=0)
     native_size: PositiveInt | None = None
     sim: SimService | None = None
+    #: before ``base_url``: its validator reads this
+    allow_insecure: bool = False
     base_url: str | None = None
-    api_key_env: SecretEnvName | None = None
+    api_key_env: ProviderKeyEnvName | None = None
     timeout_s: float = Field(default=60, gt=0)
     rpm: PositiveInt | None = None
     cost_per_image: float | None = Field(default=None, ge=0)
     circuit: Circuit = Circuit()
+
+    @field_validator("base_url")
+    @classmethod
+    def _https_unless_allowed(cls, url: str | None, info: ValidationInfo) -> str | None:
+        if url is None:
+            return None
+        try:
+            parts = urlsplit(url)
+            parts.port  # noqa: B018 (parses the port; a bad one raises)
+        except ValueError as exc:
+            raise ValueError(f"not a URL ({exc})") from None
+        if parts.scheme not in ("https", "http") or not parts.hostname:
+            raise ValueError("an https:// URL with a host")
+        if parts.scheme == "http" and not info.data.get("allow_insecure"):
+            raise ValueError("http:// sends the API key and the prompts in clear; use "
+                             "https://, or set allow_insecure: true (a loopback provider)")
+        return url
 
     @model_validator(mode="after")
     def _fields_for_kind(self) -> EngineSpec:
@@ -133,6 +189,8 @@ class EngineSpec(Strict):
             raise ValueError("engines of kind http.openai_images need 'base_url' and 'model'")
         if self.fuse_lora and self.kind not in DIFFUSERS_KINDS:
             raise ValueError("'fuse_lora' only applies to diffusers engines")
+        if self.allow_insecure and self.base_url is None:
+            raise ValueError("'allow_insecure' only applies to engines with a 'base_url'")
         return self
 
     @property
@@ -298,4 +356,43 @@ def check_models(policy: Policy, known_models: set[str]) -> list[FieldError]:
         if spec.fuse_lora is not None and spec.fuse_lora not in known_models:
             errors.append(FieldError(f"engines.{name}.fuse_lora", "not in the model registry",
                                      spec.fuse_lora))
+    return errors
+
+
+@dataclass(frozen=True)
+class RemoteRules:
+    """What the operator lets remote engines name: the prefixes of their key variables
+    and the hosts they may call (empty: any). The process that validates a policy builds
+    them from its settings::
+
+        check_remote_engines(policy, RemoteRules.from_settings(settings))
+    """
+
+    key_prefixes: tuple[str, ...] = (PROVIDER_PREFIX,)
+    hosts: tuple[str, ...] = ()
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RemoteRules:
+        """``LANEWAY_PROVIDER_KEY_PREFIXES`` (after the default) and ``LANEWAY_REMOTE_HOSTS``."""
+        return cls(key_prefixes=(PROVIDER_PREFIX, *settings.provider_key_prefixes),
+                   hosts=settings.remote_hosts)
+
+
+def check_remote_engines(policy: Policy, rules: RemoteRules) -> list[FieldError]:
+    """Every engine's ``api_key_env`` and ``base_url`` must be allowed by ``rules``."""
+    errors: list[FieldError] = []
+    for name, spec in policy.engines.items():
+        if spec.api_key_env is not None and not spec.api_key_env.startswith(
+                rules.key_prefixes):
+            errors.append(FieldError(
+                f"engines.{name}.api_key_env",
+                f"a remote engine's key variable starts with {' or '.join(rules.key_prefixes)}"
+                " (the operator adds prefixes with LANEWAY_PROVIDER_KEY_PREFIXES)",
+                spec.api_key_env))
+        host = urlsplit(spec.base_url).hostname if spec.base_url else None
+        if host is not None and rules.hosts and host not in rules.hosts:
+            errors.append(FieldError(
+                f"engines.{name}.base_url",
+                f"host {host} is not in LANEWAY_REMOTE_HOSTS ({', '.join(rules.hosts)})",
+                spec.base_url))
     return errors

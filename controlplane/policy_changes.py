@@ -14,7 +14,7 @@ import redis.asyncio as aioredis
 from controlplane import audit
 from controlplane.deployments import DeploymentStore
 from controlplane.errors import Conflict, NotFound, PolicyError
-from controlplane.policy import Policy, check_models
+from controlplane.policy import Policy, RemoteRules, check_models, check_remote_engines
 from controlplane.policy_loader import parse_policy
 from controlplane.policy_store import PolicyStore
 from controlplane.registry import Registry
@@ -28,12 +28,21 @@ class PolicyApplied:
 
 
 async def put_in_force(redis: aioredis.Redis, policy: Policy, registry: Registry, *,
-                       actor: str, reason: str, action: str = "policy.apply") -> PolicyApplied:
-    """Apply a validated policy, giving every model it uses a stable version first."""
+                       remote: RemoteRules, actor: str, reason: str,
+                       action: str = "policy.apply") -> PolicyApplied:
+    """Apply a validated policy, giving every model it uses a stable version first.
+
+    ``remote`` holds the operator's rules for remote engines (from this process's
+    settings); every way into force passes here, a rollback to an older policy included.
+    """
     missing = check_models(policy, set(registry.models()))
     if missing:
         raise PolicyError(f"the policy names models that are not in the registry "
                           f"{registry.root}", details=missing)
+    refused = check_remote_engines(policy, remote)
+    if refused:
+        raise PolicyError("the policy's remote engines break this deployment's rules",
+                          details=refused)
     store = PolicyStore(redis)
     previous = await store.current_version()
     deployments = DeploymentStore(redis)
@@ -51,15 +60,17 @@ async def put_in_force(redis: aioredis.Redis, policy: Policy, registry: Registry
 
 
 async def apply_policy_text(redis: aioredis.Redis, text: str, registry: Registry, *,
-                            actor: str, reason: str, source: str) -> PolicyApplied:
+                            remote: RemoteRules, actor: str, reason: str,
+                            source: str) -> PolicyApplied:
     """Validate YAML and put it in force; raise PolicyError (nothing changes) if invalid."""
-    policy = parse_policy(text, source=source)
-    return await put_in_force(redis, policy, registry, actor=actor, reason=reason,
-                               action="policy.apply")
+    policy = parse_policy(text, source=source, remote=remote)  # errors with their lines
+    return await put_in_force(redis, policy, registry, remote=remote, actor=actor,
+                              reason=reason, action="policy.apply")
 
 
-async def rollback_policy(redis: aioredis.Redis, registry: Registry, *, actor: str,
-                          reason: str, to: str | None = None) -> PolicyApplied:
+async def rollback_policy(redis: aioredis.Redis, registry: Registry, *,
+                          remote: RemoteRules, actor: str, reason: str,
+                          to: str | None = None) -> PolicyApplied:
     """Put the previously applied (or the ``to``) policy version back in force."""
     store = PolicyStore(redis)
     current = await store.current_version()
@@ -75,6 +86,6 @@ async def rollback_policy(redis: aioredis.Redis, registry: Registry, *, actor: s
     policy = await store.get(to)
     if policy is None:
         raise NotFound(f"policy version {to!r} was never applied here")
-    return await put_in_force(redis, policy, registry, actor=actor,
-                               reason=reason or f"rollback to {to[:19]}",
-                               action="policy.rollback")
+    return await put_in_force(redis, policy, registry, remote=remote, actor=actor,
+                              reason=reason or f"rollback to {to[:19]}",
+                              action="policy.rollback")

@@ -9,7 +9,7 @@ import yaml
 from pydantic import ValidationError
 
 from controlplane.errors import FieldError, PolicyError
-from controlplane.policy import Policy, check_references
+from controlplane.policy import Policy, RemoteRules, check_references, check_remote_engines
 
 LinePath = tuple[str | int, ...]
 
@@ -64,8 +64,13 @@ def _parse_path(dotted: str) -> LinePath:
     return tuple(parts)
 
 
-def parse_policy(text: str, *, source: str = "<policy>") -> Policy:
-    """Parse and validate policy YAML; raise PolicyError listing every problem with its line."""
+def parse_policy(text: str, *, source: str = "<policy>",
+                 remote: RemoteRules | None = None) -> Policy:
+    """Parse and validate policy YAML; raise PolicyError listing every problem with its line.
+
+    With ``remote`` (the operator's rules, from this process's settings), remote engines
+    are checked against them too; ``put_in_force`` checks them in any case.
+    """
     try:
         root = yaml.compose(text, Loader=_UniqueKeyLoader)
         data: Any = yaml.safe_load(text)
@@ -92,7 +97,10 @@ def parse_policy(text: str, *, source: str = "<policy>") -> Policy:
                                       lines))
         raise _policy_error(source, details) from None
 
-    refs = [_with_line(e, lines) for e in check_references(policy)]
+    found = check_references(policy)
+    if remote is not None:
+        found += check_remote_engines(policy, remote)
+    refs = [_with_line(e, lines) for e in found]
     if refs:
         raise _policy_error(source, refs)
     return policy
@@ -110,10 +118,10 @@ def _policy_error(source: str, details: list[FieldError]) -> PolicyError:
     return PolicyError(f"{source}: {len(details)} error(s): {summary}", details=details)
 
 
-def load_policy(path: Path) -> Policy:
-    """Read and validate a policy file."""
+def load_policy(path: Path, *, remote: RemoteRules | None = None) -> Policy:
+    """Read and validate a policy file (``remote``: as in :func:`parse_policy`)."""
     try:
         text = path.read_text()
     except OSError as exc:
         raise PolicyError(f"{path}: cannot read policy: {exc.strerror}") from exc
-    return parse_policy(text, source=str(path))
+    return parse_policy(text, source=str(path), remote=remote)

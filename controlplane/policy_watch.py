@@ -18,6 +18,7 @@ from pathlib import Path
 import redis.asyncio as aioredis
 
 from controlplane.errors import PolicyError
+from controlplane.policy import RemoteRules
 from controlplane.policy_changes import PolicyApplied, apply_policy_text
 from controlplane.registry import Registry
 from controlplane.signals import on_stop_signals
@@ -30,10 +31,11 @@ POLL_S = 0.5
 
 class PolicyWatcher:
     def __init__(self, redis: aioredis.Redis, path: Path, registry: Registry, *,
-                 poll_s: float = POLL_S) -> None:
+                 remote: RemoteRules, poll_s: float = POLL_S) -> None:
         self.redis = redis
         self.path = path
         self.registry = registry
+        self.remote = remote
         self.poll_s = poll_s
         self.seen_sha256: str | None = None
         self.last_errors: list[str] = []
@@ -50,7 +52,8 @@ class PolicyWatcher:
             return None
         try:
             applied = await apply_policy_text(
-                self.redis, text, self.registry, actor=ACTOR, source=str(self.path),
+                self.redis, text, self.registry, remote=self.remote, actor=ACTOR,
+                source=str(self.path),
                 reason=f"{self.path.name} changed (file sha256 {digest[:12]})")
         except aioredis.RedisError as exc:
             log.warning("%s not applied yet (Redis: %s); trying again", self.path, exc)
@@ -73,12 +76,13 @@ class PolicyWatcher:
                 await asyncio.wait_for(stop.wait(), timeout=self.poll_s)
 
 
-async def run_policy_watch(redis_url: str, path: Path, registry: Registry) -> None:
+async def run_policy_watch(redis_url: str, path: Path, registry: Registry, *,
+                           remote: RemoteRules) -> None:
     """Watch until SIGTERM/SIGINT."""
     stop = asyncio.Event()
     on_stop_signals(stop.set)
     redis = aioredis.Redis.from_url(redis_url)
     try:
-        await PolicyWatcher(redis, path, registry).run(stop)
+        await PolicyWatcher(redis, path, registry, remote=remote).run(stop)
     finally:
         await redis.aclose()

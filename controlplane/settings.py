@@ -14,21 +14,26 @@ the closest valid name: a misspelling is never silently ignored.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import Field, ValidationError
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from controlplane.errors import FieldError, SettingsError
 
 ENV_PREFIX = "LANEWAY_"
-#: names a policy gives its secrets (``api_key_env`` of tenants and remote engines) and
+#: names a policy gives its secrets (``api_key_env`` of tenants, of remote engines) and
 #: names only tests read start with these; the unknown-variable check skips them
 SECRET_PREFIX = "LANEWAY_KEY_"
+PROVIDER_PREFIX = "LANEWAY_PROVIDER_"
 TEST_PREFIX = "LANEWAY_TEST_"
-RESERVED_PREFIXES = (SECRET_PREFIX, TEST_PREFIX)
+RESERVED_PREFIXES = (SECRET_PREFIX, PROVIDER_PREFIX, TEST_PREFIX)
+_VARIABLE_PREFIX = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 #: ``LANEWAY_`` variables that no Laneway process reads
 NOT_SETTINGS = frozenset({
     "LANEWAY_TORCH_SPEC",  # .ci/setup: the torch requirement to install
@@ -73,6 +78,49 @@ class Settings(BaseSettings):
     verify_claim_idle_ms: int = Field(
         default=60_000, gt=0,
         description="a verification left pending this long by a dead verifier is reclaimed")
+    provider_key_prefixes: Annotated[tuple[str, ...], NoDecode] = Field(
+        default=(),
+        description="policy validation: prefixes a remote engine's api_key_env may start "
+                    f"with besides {PROVIDER_PREFIX} (comma-separated)")
+    remote_hosts: Annotated[tuple[str, ...], NoDecode] = Field(
+        default=(),
+        description="policy validation: the only hosts a remote engine's base_url may "
+                    "name (comma-separated; empty: any)")
+
+    @field_validator("provider_key_prefixes", "remote_hosts", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        items = [item.strip() for item in value.split(",")]
+        if items == [""]:
+            return ()
+        if "" in items:
+            raise ValueError(f"an empty item in a comma-separated list (got {value!r})")
+        return tuple(items)
+
+    @field_validator("provider_key_prefixes")
+    @classmethod
+    def _key_prefixes(cls, prefixes: tuple[str, ...]) -> tuple[str, ...]:
+        for prefix in prefixes:
+            if not _VARIABLE_PREFIX.fullmatch(prefix):
+                raise ValueError(f"a variable-name prefix is letters, digits and _ "
+                                 f"(got {prefix!r})")
+            upper = prefix.upper()
+            # variables under it would stop every process as unknown settings
+            if upper.startswith(ENV_PREFIX) and not upper.startswith(RESERVED_PREFIXES):
+                raise ValueError(f"{prefix} is under {ENV_PREFIX}, where names are "
+                                 f"settings; use {PROVIDER_PREFIX}... or a prefix outside "
+                                 f"{ENV_PREFIX}")
+        return prefixes
+
+    @field_validator("remote_hosts")
+    @classmethod
+    def _host_names(cls, hosts: tuple[str, ...]) -> tuple[str, ...]:
+        for host in hosts:
+            if any(c in host for c in "/@ \t") or (":" in host and not _is_ipv6(host)):
+                raise ValueError(f"a host name, without scheme, port or path (got {host!r})")
+        return tuple(host.lower() for host in hosts)
 
     @property
     def embedded_dir(self) -> Path:
@@ -80,8 +128,19 @@ class Settings(BaseSettings):
 
     def as_environ(self) -> dict[str, str]:
         """These settings as ``LANEWAY_*`` variables (unset ones left out)."""
-        return {variable_name(name): str(value)
+        return {variable_name(name): _as_variable(value)
                 for name, value in self.model_dump().items() if value is not None}
+
+
+def _as_variable(value: object) -> str:
+    return ",".join(value) if isinstance(value, tuple) else str(value)
+
+
+def _is_ipv6(host: str) -> bool:
+    try:
+        return isinstance(ipaddress.ip_address(host), ipaddress.IPv6Address)
+    except ValueError:
+        return False
 
 
 def variable_name(field: str) -> str:
@@ -114,8 +173,8 @@ def _hint(name: str, valid: list[str]) -> str:
                                       [v.removeprefix(ENV_PREFIX) for v in valid], n=1)
     if close:
         return f"did you mean {ENV_PREFIX}{close[0]}?"
-    return (f"not a setting; name a policy's secrets {SECRET_PREFIX}..., "
-            f"test-only variables {TEST_PREFIX}...")
+    return (f"not a setting; name a policy's secrets {SECRET_PREFIX}... (tenants) or "
+            f"{PROVIDER_PREFIX}... (remote engines), test-only variables {TEST_PREFIX}...")
 
 
 def load_settings() -> Settings:

@@ -9,8 +9,9 @@ on which the worker moves the stage to a fallback engine. Every attempt is an OT
 span under the current (stage) span, with the W3C context sent to the provider.
 
 The API key is read from the variable ``api_key_env`` names and goes only into the
-``Authorization`` header: it is never logged, recorded on a span or put in an error (text
-from the provider is scrubbed of it too).
+``Authorization`` header: it is never logged, recorded on a span or put in an error.
+An error answer's text is logged (scrubbed of the key, which a provider may echo) and goes
+no further: the stage error, which clients see, carries ``provider_error: HTTP <status>``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import base64
 import binascii
 import io
 import itertools
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -48,10 +50,13 @@ from controlplane.telemetry import tracer
 from engines.base import Engine, StageItem
 
 _tracer = tracer("laneway.engines.openai_images")
+log = logging.getLogger(__name__)
 
 BACKOFF_BASE_S = 0.2
 BACKOFF_MAX_S = 5.0
 PROVIDER_MESSAGE_CHARS = 300
+#: the code of a stage error for an error answer from the provider
+PROVIDER_ERROR = "provider_error"
 
 
 class OpenAIImagesEngine(Engine):
@@ -173,10 +178,14 @@ class OpenAIImagesEngine(Engine):
             span.set_attribute("http.response.status_code", response.status_code)
             if response.is_success:
                 return self._json(response)
-            message = (f"POST {self._url} answered {response.status_code}: "
-                       f"{self._provider_message(response)}")
-            self._mark(span, str(response.status_code), message)
-            if response.status_code == 429 or response.status_code >= 500:
+            status = response.status_code
+            # the provider's text is for operators (it may name accounts, quotas, internals)
+            log.warning("engine %s: POST %s answered %d (job %s, attempt %d): %r", self.name,
+                        self._url, status, item.job_id, attempt,
+                        self._provider_message(response))
+            message = f"{PROVIDER_ERROR}: HTTP {status}"
+            self._mark(span, str(status), message)
+            if status == 429 or status >= 500:
                 raise RetryableError(message, delay_s=retry_after_s(response) or 0.0)
             raise StageFailed(message)
 

@@ -171,9 +171,14 @@ def policy_validate(
     file: Annotated[Path, typer.Argument(help="Policy YAML file.")],
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
-    """Check a policy offline; print each error with its YAML path and line, exit 1."""
+    """Check a policy offline; print each error with its YAML path and line, exit 1.
+
+    Remote engines are checked against this environment's LANEWAY_PROVIDER_KEY_PREFIXES
+    and LANEWAY_REMOTE_HOSTS (set them as the servers have them)."""
+    from controlplane.policy import RemoteRules
+
     try:
-        policy = load_policy(file)
+        policy = load_policy(file, remote=RemoteRules.from_settings(current_settings()))
     except PolicyError as exc:
         if as_json:
             typer.echo(json.dumps(exc.as_body()))

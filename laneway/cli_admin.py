@@ -164,6 +164,7 @@ def policy_watch(
     import asyncio
     import logging
 
+    from controlplane.policy import RemoteRules
     from controlplane.policy_watch import run_policy_watch
     from controlplane.registry import Registry
 
@@ -172,7 +173,8 @@ def policy_watch(
         typer.echo("laneway policy watch needs LANEWAY_REDIS_URL", err=True)
         raise typer.Exit(EXIT_USAGE)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s watch %(levelname)s %(message)s")
-    asyncio.run(run_policy_watch(settings.redis_url, file, Registry(settings.registry)))
+    asyncio.run(run_policy_watch(settings.redis_url, file, Registry(settings.registry),
+                                 remote=RemoteRules.from_settings(settings)))
 
 
 # -- models -------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import redis.asyncio as aioredis
 import uvicorn
 
 from controlplane.errors import PolicyError
-from controlplane.policy import EngineKind, Policy, check_models
+from controlplane.policy import EngineKind, Policy, RemoteRules, check_models
 from controlplane.policy_changes import put_in_force
 from controlplane.policy_loader import load_policy
 from controlplane.registry import Registry
@@ -57,11 +57,12 @@ def ensure_models(policy: Policy, registry: Registry) -> None:
                           f"{registry.root}", details=missing)
 
 
-async def publish_policy(redis_url: str, policy: Policy, registry: Registry) -> None:
+async def publish_policy(redis_url: str, policy: Policy, registry: Registry, *,
+                         remote: RemoteRules) -> None:
     """Put the policy in force and give every model it uses a stable version."""
     redis = aioredis.Redis.from_url(redis_url)
     try:
-        await put_in_force(redis, policy, registry, actor="serve",
+        await put_in_force(redis, policy, registry, remote=remote, actor="serve",
                            reason="laneway serve start")
     finally:
         await redis.aclose()
@@ -103,7 +104,8 @@ def serve(settings: Settings, options: ServeOptions) -> None:
 
 def _serve(settings: Settings, options: ServeOptions) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s serve %(levelname)s %(message)s")
-    policy = load_policy(options.policy_path)
+    remote = RemoteRules.from_settings(settings)
+    policy = load_policy(options.policy_path, remote=remote)
     registry = Registry(settings.registry)
     ensure_models(policy, registry)
     embedded = None
@@ -122,7 +124,7 @@ def _serve(settings: Settings, options: ServeOptions) -> None:
     # children never see the admin token: only the API checks it
     supervisor = Supervisor(settings.model_copy(update={"admin_token": None}), embedded)
     try:
-        asyncio.run(publish_policy(settings.redis_url, policy, registry))
+        asyncio.run(publish_policy(settings.redis_url, policy, registry, remote=remote))
         commands = child_commands(settings, policy) if options.workers else []
         if options.watch:
             commands.append(["policy", "watch", str(options.policy_path),

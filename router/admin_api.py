@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from controlplane import audit
 from controlplane.deployments import DeploymentStore
 from controlplane.errors import Forbidden, RegistryError, Unauthorized, ValidationFailed
-from controlplane.policy import Policy
+from controlplane.policy import Policy, RemoteRules
 from controlplane.policy_changes import apply_policy_text, rollback_policy
 from controlplane.policy_store import PolicyStore
 from controlplane.registry import MANIFEST_NAME, ModelKind, Registry
@@ -147,6 +147,7 @@ class AdminController(Controller):
         """Validate the YAML body and put it in force; 422 with every error otherwise."""
         text = (await request.body()).decode("utf-8", errors="replace")
         applied = await apply_policy_text(api.redis, text, Registry(api.settings.registry),
+                                          remote=RemoteRules.from_settings(api.settings),
                                           actor=actor_of(request), reason=reason,
                                           source="request body")
         await api.live.reload()
@@ -156,6 +157,7 @@ class AdminController(Controller):
     async def rollback_policy(self, request: Request[Any, Any, Any], data: ToVersion,
                               api: ApiState) -> dict[str, Any]:
         applied = await rollback_policy(api.redis, Registry(api.settings.registry),
+                                        remote=RemoteRules.from_settings(api.settings),
                                         actor=actor_of(request), reason=data.reason,
                                         to=data.to)
         await api.live.reload()

@@ -2,7 +2,8 @@
 
 Instance B (the tiny policy behind OpenAI-style aliases, its own bundled server and port)
 is the provider of A's ``remote`` engine; small loopback providers stand in for hosted APIs
-where a test needs a provider to misbehave (a concurrency cap, an error echoing the key).
+where a test needs a provider to misbehave (a concurrency cap, an error echoing the key, an
+error telling internals).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from tests.service import Service, bundled_redis_url
 from tests.span_collector import SpanCollector
 
 API_KEY = "sk-remote-7f3a9c1e5b2d-must-not-leak"
+INTERNALS = "shard db-7 (10.2.0.14) down; account acme-prod"
 CLIENT_KIND = 3  # opentelemetry.proto Span.SpanKind.SPAN_KIND_CLIENT
 
 
@@ -37,7 +39,8 @@ CLIENT_KIND = 3  # opentelemetry.proto Span.SpanKind.SPAN_KIND_CLIENT
 def providers() -> Iterator[dict[str, Provider]]:
     made = {"capped": Provider(delay_s=0.4),
             "leaky": Provider(always=Reply(401, {"error": {
-                "message": f"Incorrect API key provided: {API_KEY}"}}))}
+                "message": f"Incorrect API key provided: {API_KEY}"}})),
+            "opaque": Provider(always=Reply(500, {"error": {"message": INTERNALS}}))}
     yield made
     for provider in made.values():
         provider.close()
@@ -55,9 +58,9 @@ def instances(tiny_registry: Registry, tmp_path_factory: pytest.TempPathFactory,
     policy = home / "remote_pool.yaml"
     policy.write_text(Template((POLICIES / "remote_pool.yaml").read_text()).substitute(
         B_URL=f"{b.url}/v1", CAPPED_URL=providers["capped"].base_url,
-        LEAKY_URL=providers["leaky"].base_url))
+        LEAKY_URL=providers["leaky"].base_url, OPAQUE_URL=providers["opaque"].base_url))
     a = Service(home=home, registry=tiny_registry.root, policy=policy, extra_env={
-        "LANEWAY_TEST_REMOTE_KEY": API_KEY, **collector.env("laneway-a")})
+        "LANEWAY_PROVIDER_TEST_KEY": API_KEY, **collector.env("laneway-a")})
     with ThreadPoolExecutor(max_workers=2) as pool:
         list(pool.map(Service.start, (a, b)))
     yield a, b
@@ -88,6 +91,11 @@ def pixels(service: Service, job: dict[str, Any]) -> np.ndarray:
         png = client.get(job["images"][0]["url"])
     assert png.status_code == 200
     return np.asarray(Image.open(BytesIO(png.content)).convert("RGB"))
+
+
+def full_log(service: Service) -> str:
+    assert service.log_path is not None
+    return service.log_path.read_text(errors="replace")
 
 
 def wait_for_spans(collector: SpanCollector, predicate: Any, *, timeout_s: float = 10
@@ -144,11 +152,27 @@ def test_max_concurrency_caps_requests_in_flight_at_the_provider(
     assert all(seen.headers["Authorization"] == f"Bearer {API_KEY}" for seen in capped.seen)
 
 
-def test_a_provider_error_echoing_the_key_is_scrubbed(instance_a: Service) -> None:
+def test_a_provider_error_echoing_the_key_is_logged_scrubbed(instance_a: Service) -> None:
     job = submit(instance_a, tier="leaky")
     assert job["status"] == "failed", job
-    assert "401" in job["error"] and "[redacted]" in job["error"]
-    assert API_KEY not in json.dumps(job)
+    assert job["error"].endswith("provider_error: HTTP 401")
+    assert job["stages"][0]["error"].endswith("provider_error: HTTP 401")
+    assert API_KEY not in json.dumps(job) and "Incorrect API key" not in json.dumps(job)
+    assert "Incorrect API key provided: [redacted]" in full_log(instance_a)
+
+
+def test_a_provider_error_answer_reaches_the_client_as_code_and_status_only(
+        instance_a: Service, providers: dict[str, Provider]) -> None:
+    job = submit(instance_a, tier="opaque")
+    assert job["status"] == "failed", job
+    assert len(providers["opaque"].seen) == 2  # max_attempts, then no fallback
+    assert "provider_error: HTTP 500" in job["error"]
+    assert "provider_error: HTTP 500" in job["stages"][0]["error"]
+    assert INTERNALS not in json.dumps(job)
+    with instance_a.client() as client:
+        events = client.get(f"/v1/jobs/{job['id']}/events").text
+    assert INTERNALS not in events
+    assert INTERNALS in full_log(instance_a)  # the operator sees what the provider said
 
 
 async def test_b_down_opens_the_circuit_and_b_back_closes_it(
@@ -188,7 +212,7 @@ def test_the_api_key_appears_nowhere(instance_a: Service, collector: SpanCollect
     submit(instance_a, tier="leaky")
     wait_for_spans(collector, lambda s: s["service"] == "laneway-a"
                    and s["kind"] == CLIENT_KIND)
-    assert API_KEY not in instance_a.log_path.read_text(errors="replace")  # type: ignore[union-attr]
+    assert API_KEY not in full_log(instance_a)
     assert all(API_KEY not in span["text"] for span in collector.spans)
     client = redis.Redis.from_url(bundled_redis_url(instance_a.home))
     try:

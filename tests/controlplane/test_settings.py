@@ -50,8 +50,9 @@ def test_an_unknown_variable_is_refused_with_the_closest_name() -> None:
 
 def test_settings_reserved_prefixes_and_other_names_pass() -> None:
     environ = {name: "1" for name in setting_names()}
-    environ |= {"LANEWAY_KEY_ACME": "secret", "LANEWAY_TEST_ANYTHING": "1", "LW_OTHER": "1",
-                "laneway_port": "1", **dict.fromkeys(NOT_SETTINGS, "x")}
+    environ |= {"LANEWAY_KEY_ACME": "secret", "LANEWAY_PROVIDER_OPENAI": "sk-...",
+                "LANEWAY_TEST_ANYTHING": "1", "LW_OTHER": "1", "laneway_port": "1",
+                **dict.fromkeys(NOT_SETTINGS, "x")}
     assert unknown_variables(environ) == []
 
 
@@ -102,7 +103,8 @@ def test_serve_with_a_misspelt_variable_exits_2_at_once_naming_it(tmp_path: Path
 def test_a_child_loads_the_parents_settings_and_keeps_other_variables(
         monkeypatch: pytest.MonkeyPatch) -> None:
     parent = Settings(redis_url="redis://127.0.0.1:1/0", port=8123, registry=Path("/r"),
-                      ocr_threads=1, admin_token=None)
+                      ocr_threads=1, admin_token=None, provider_key_prefixes=("ACME_",),
+                      remote_hosts=("api.example.com", "images.example.com"))
     environ = {"PATH": "/bin", "LANEWAY_KEY_ACME": "secret", "LANEWAY_PORT": "9",
                "LANEWAY_ADMIN_TOKEN": "stale"}
     child = child_environ(parent, environ)
@@ -110,6 +112,41 @@ def test_a_child_loads_the_parents_settings_and_keeps_other_variables(
     assert child["LANEWAY_PORT"] == "8123" and "LANEWAY_ADMIN_TOKEN" not in child
     monkeypatch.setattr(os, "environ", child)
     assert load_settings() == parent
+
+
+def test_list_settings_are_comma_separated_and_checked(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.upper().startswith("LANEWAY_"):
+            monkeypatch.delenv(name)
+    assert (load_settings().provider_key_prefixes, load_settings().remote_hosts) == ((), ())
+    monkeypatch.setenv("LANEWAY_PROVIDER_KEY_PREFIXES", "OPENAI_, ACME_KEY_")
+    monkeypatch.setenv("LANEWAY_REMOTE_HOSTS", "API.example.com,::1")
+    settings = load_settings()
+    assert settings.provider_key_prefixes == ("OPENAI_", "ACME_KEY_")
+    assert settings.remote_hosts == ("api.example.com", "::1")
+    monkeypatch.setenv("LANEWAY_REMOTE_HOSTS", "")
+    assert load_settings().remote_hosts == ()
+
+
+@pytest.mark.parametrize(("name", "value", "reason"), [
+    ("LANEWAY_PROVIDER_KEY_PREFIXES", "OPENAI_,,ACME_", "an empty item"),
+    ("LANEWAY_PROVIDER_KEY_PREFIXES", "OPEN-AI", "letters, digits and _"),
+    # its variables would be unknown settings: every process would refuse to start
+    ("LANEWAY_PROVIDER_KEY_PREFIXES", "LANEWAY_OPENAI_", "is under LANEWAY_"),
+    ("LANEWAY_REMOTE_HOSTS", "https://api.example.com", "without scheme, port or path"),
+    ("LANEWAY_REMOTE_HOSTS", "api.example.com:443", "without scheme, port or path"),
+])
+def test_bad_list_settings_are_refused_naming_the_variable(
+        monkeypatch: pytest.MonkeyPatch, name: str, value: str, reason: str) -> None:
+    for variable in list(os.environ):
+        if variable.upper().startswith("LANEWAY_"):
+            monkeypatch.delenv(variable)
+    monkeypatch.setenv(name, value)
+    with pytest.raises(SettingsError) as refused:
+        load_settings()
+    (detail,) = refused.value.details
+    assert detail.field == name and reason in detail.message
 
 
 def test_a_policy_cannot_name_a_secret_like_a_setting() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -25,7 +26,7 @@ from tests.controlplane.test_circuit import Clock
 from tests.provider import Provider, Reply
 
 API_KEY = "sk-test-1f2e3d4c5b6a-never-print-me"
-KEY_ENV = "LANEWAY_TEST_PROVIDER_KEY"
+KEY_ENV = "LANEWAY_PROVIDER_TEST_KEY"
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +66,9 @@ def make(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Maker]:
     def make_engine(base_url: str, *, name: str = "hosted", sleeps: list[float] | None = None,
                     clock: Clock | None = None, **fields: object) -> OpenAIImagesEngine:
         spec = EngineSpec.model_validate({
-            "kind": "http.openai_images", "base_url": base_url, "model": "hosted-turbo",
-            "api_key_env": KEY_ENV, "timeout_s": 2, "max_attempts": 3, **fields})
+            "kind": "http.openai_images", "base_url": base_url, "allow_insecure": True,
+            "model": "hosted-turbo", "api_key_env": KEY_ENV, "timeout_s": 2,
+            "max_attempts": 3, **fields})
         engine = OpenAIImagesEngine(
             spec, redis_url=redis_url,
             sleep=sleeps.append if sleeps is not None else time.sleep,
@@ -112,7 +114,7 @@ def test_generates_decoded_images_of_the_requested_size(make: Maker, provider: P
 def test_the_factory_builds_it_named_with_the_redis_url_it_is_given(
         redis_url: str, provider: Provider, tiny_registry: Registry) -> None:
     spec = EngineSpec.model_validate({"kind": "http.openai_images", "model": "m",
-                                      "base_url": provider.base_url})
+                                      "base_url": provider.base_url, "allow_insecure": True})
     with pytest.raises(InternalError, match="need a Redis URL"):
         build_engine(spec, registry=tiny_registry, model_version="", device="none",
                      name="hosted")
@@ -143,8 +145,10 @@ def test_5xx_is_retried_with_backoff_then_gives_up_as_unavailable(
     provider.script.extend([Reply(503, {"error": {"message": "overloaded"}})] * 3)
     sleeps: list[float] = []
     engine = make(provider.base_url, sleeps=sleeps, name="flaky")
-    with pytest.raises(EngineUnavailable, match="gave up after 3 attempts.*503.*overloaded"):
+    with pytest.raises(EngineUnavailable) as raised:
         engine.run([item()])
+    assert raised.value.message == ("engine flaky: gave up after 3 attempts; last: "
+                                    "provider_error: HTTP 503")
     assert len(provider.seen) == 3
     assert len(sleeps) == 2 and all(0 <= s <= 5.0 for s in sleeps)
     attempts = sorted(s.attributes["laneway.attempt"] for s in spans.get_finished_spans()
@@ -153,25 +157,48 @@ def test_5xx_is_retried_with_backoff_then_gives_up_as_unavailable(
 
 
 @pytest.mark.parametrize("status", [400, 401, 404, 422])
-def test_other_4xx_fail_at_once_and_never_leak_the_key(make: Maker, provider: Provider,
-                                                       status: int) -> None:
+def test_other_4xx_fail_at_once_and_never_leak_the_key(
+        make: Maker, provider: Provider, status: int, caplog: pytest.LogCaptureFixture) -> None:
     provider.script.append(Reply(status, {"error": {"message": f"bad key {API_KEY}"}}))
     engine = make(provider.base_url)
-    with pytest.raises(StageFailed) as raised:
+    with caplog.at_level(logging.WARNING, logger="engines.openai_images"), \
+            pytest.raises(StageFailed) as raised:
         engine.run([item()])
     assert len(provider.seen) == 1
-    assert str(status) in raised.value.message and "[redacted]" in raised.value.message
-    assert API_KEY not in raised.value.message
+    assert raised.value.message == f"provider_error: HTTP {status}"
+    assert "bad key [redacted]" in caplog.text and API_KEY not in caplog.text
+
+
+def test_the_providers_error_text_is_logged_never_put_in_the_stage_error(
+        make: Maker, provider: Provider, caplog: pytest.LogCaptureFixture,
+        spans: InMemorySpanExporter) -> None:
+    detail = "db-7 at 10.2.0.14 refused: account acme-prod over quota"
+    provider.script.extend([Reply(500, {"error": {"message": detail}})] * 2)
+    engine = make(provider.base_url, sleeps=[], name="opaque", max_attempts=2)
+    with caplog.at_level(logging.WARNING, logger="engines.openai_images"), \
+            pytest.raises(EngineUnavailable) as raised:
+        engine.run([item()])
+    assert raised.value.message.endswith("last: provider_error: HTTP 500")
+    assert detail not in raised.value.message
+    logged = [r.getMessage() for r in caplog.records if detail in r.getMessage()]
+    assert len(logged) == 2 and "engine opaque" in logged[0] and "500" in logged[0]
+    calls = [s for s in spans.get_finished_spans()
+             if s.kind is SpanKind.CLIENT and s.attributes["laneway.engine"] == "opaque"]
+    assert len(calls) == 2
+    assert all("provider_error: HTTP 500" in (s.status.description or "") for s in calls)
+    assert detail not in str([(s.status.description, [dict(e.attributes or {}) for e in s.events])
+                              for s in calls])
 
 
 def test_a_missing_key_variable_is_named_without_a_value(
         redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("LANEWAY_TEST_MISSING_KEY", raising=False)
+    monkeypatch.delenv("LANEWAY_PROVIDER_TEST_MISSING_KEY", raising=False)
     spec = EngineSpec.model_validate({"kind": "http.openai_images", "model": "m",
                                       "base_url": "http://127.0.0.1:9/v1",
-                                      "api_key_env": "LANEWAY_TEST_MISSING_KEY"})
+                                      "allow_insecure": True,
+                                      "api_key_env": "LANEWAY_PROVIDER_TEST_MISSING_KEY"})
     with pytest.raises(Exception, match="api_key_env: environment variable "
-                                        "LANEWAY_TEST_MISSING_KEY is not set"):
+                                        "LANEWAY_PROVIDER_TEST_MISSING_KEY is not set"):
         OpenAIImagesEngine(spec, redis_url=redis_url)
 
 

@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 import uvicorn
 
 from controlplane.artifacts import ArtifactStore
-from controlplane.policy import Policy
+from controlplane.policy import Policy, RemoteRules
 from controlplane.registry import Registry
 from controlplane.settings import Settings
 from engines.worker import Worker, WorkerOptions
@@ -137,9 +137,10 @@ async def running_router(redis_url: str, policy: Policy, registry: Registry,
 
     ``settings_fields`` override the API's settings (e.g. ``redis_timeout_s``).
     """
-    await publish_policy(redis_url, policy, registry)
     settings = Settings(redis_url=redis_url, home=home, registry=registry.root,
                         artifacts=home / "artifacts", **settings_fields)
+    await publish_policy(redis_url, policy, registry,
+                         remote=RemoteRules.from_settings(settings))
     server = ApiServer(settings)
     await asyncio.to_thread(server.start)
     redis = aioredis.Redis.from_url(redis_url)

@@ -24,8 +24,10 @@ version: 1
 limits: {max_pixels: 262144, max_n: 4, default_width: 64, default_height: 64}
 engines:
   local: {kind: resize}
-  hosted-a: {kind: http.openai_images, base_url: "http://127.0.0.1:9/v1", model: m}
-  hosted-b: {kind: http.openai_images, base_url: "http://127.0.0.1:9/v1", model: m}
+  hosted-a: {kind: http.openai_images, base_url: "http://127.0.0.1:9/v1", model: m,
+             allow_insecure: true}
+  hosted-b: {kind: http.openai_images, base_url: "http://127.0.0.1:9/v1", model: m,
+             allow_insecure: true}
 routes:
   - name: lone
     match: {intent: final}

@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from controlplane.policy import Policy
+from controlplane.policy import Policy, RemoteRules
 from controlplane.policy_loader import load_policy
 from laneway.serve import publish_policy
 from tests.conftest import POLICIES
@@ -85,5 +85,5 @@ async def test_a_flushed_server_gets_its_lanes_back(redis_url: str, policy: Poli
         await router.start_worker("sim-draft")
         await a_waited_job_completes(router)
         await router.redis.flushall()  # everything lost, the lanes' groups included
-        await publish_policy(redis_url, policy, router.registry)
+        await publish_policy(redis_url, policy, router.registry, remote=RemoteRules())
         await a_waited_job_completes(router)
