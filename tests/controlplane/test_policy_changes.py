@@ -48,7 +48,7 @@ async def test_watch_tries_again_when_redis_did_not_answer(
     path = tmp_path / "policy.yaml"
     path.write_text(POLICY_YAML)
     nobody = aioredis.Redis.from_url(f"redis://127.0.0.1:{free_port()}/0")
-    watcher = PolicyWatcher(nobody, path, tiny_registry)
+    watcher = PolicyWatcher(nobody, path, tiny_registry, remote=RemoteRules())
     assert await watcher.check_once() is None  # refused connection: nothing recorded
     assert watcher.seen_sha256 is None and watcher.last_errors == []
     await nobody.aclose()
