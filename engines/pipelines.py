@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import abc
 import copy
+import logging
 import threading
 from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
@@ -47,6 +48,10 @@ from engines.base import Engine, StageItem
 #: ``DiffusionPipeline`` does not declare, so pipelines are typed loosely.
 Pipeline = Any
 
+log = logging.getLogger(__name__)
+
+#: engines already warned that their float16 runs as float32 on the CPU
+_WARNED_FLOAT16_ON_CPU: set[str] = set()
 TORCH_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -54,15 +59,20 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
 def check_device_dtype(engine: str, device: str, dtype: str) -> torch.dtype:
     """The torch dtype for ``dtype`` on ``device``, or an error naming the engine.
 
-    float16 is refused on CPU (many CPU kernels lack it, and what exists is slower than
-    float32); bfloat16 runs on CPU, which torch supports, and on CUDA devices that have it.
+    float16 on CPU loads as float32, with one warning per engine (many CPU kernels lack
+    float16, and what exists is slower than float32): a GPU policy run on a CPU machine
+    renders instead of failing every stage. bfloat16 runs on CPU, which torch supports,
+    and on CUDA devices that have it.
     """
     if dtype not in TORCH_DTYPES:
         raise ValidationFailed.of(f"engines.{engine}.dtype", "unknown dtype", dtype)
     kind = torch.device(device).type
     if kind == "cpu" and dtype == "float16":
-        raise ValidationFailed.of(f"engines.{engine}.dtype",
-                                  "float16 is not supported on device cpu", dtype)
+        if engine not in _WARNED_FLOAT16_ON_CPU:
+            _WARNED_FLOAT16_ON_CPU.add(engine)
+            log.warning("engine %s: dtype float16 does not run on cpu; loading it as float32",
+                        engine)
+        return torch.float32
     if kind == "cuda":
         if not torch.cuda.is_available():
             raise ValidationFailed.of(f"engines.{engine}", "CUDA is not available", device)

@@ -1,11 +1,12 @@
 from __future__ import annotations
 
+import logging
 import threading
 
 import pytest
 import torch
 
-from controlplane.errors import RegistryError, ValidationFailed
+from controlplane.errors import RegistryError
 from controlplane.policy import EngineKind
 from engines.base import StageItem
 from engines.factory import BUILDERS
@@ -36,10 +37,17 @@ def test_model_of_the_wrong_family_is_refused(make_engine: EngineMaker) -> None:
         make_engine("diffusers.text2image", "tiny-x4-upscaler")
 
 
-def test_float16_on_cpu_is_refused(make_engine: EngineMaker) -> None:
-    with pytest.raises(ValidationFailed, match=r"engines.diffusers.text2image:tiny-sdxl.dtype: "
-                                               r"float16 is not supported on device cpu"):
-        make_engine("diffusers.text2image", "tiny-sdxl", dtype="float16")
+def test_float16_on_cpu_loads_as_float32_with_one_warning(
+        make_engine: EngineMaker, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="engines.pipelines"):
+        engine = make_engine("diffusers.text2image", "tiny-sdxl", steps=1, dtype="float16")
+        make_engine("diffusers.text2image", "tiny-sdxl", steps=1, dtype="float16")
+    assert isinstance(engine, DiffusersEngine)
+    assert engine.pipe.unet.dtype == torch.float32
+    [[image]] = engine.run([StageItem(job_id="j", prompt="p", width=64, height=64, seed=0)])
+    assert image.size == (64, 64)
+    warnings = [r for r in caplog.records if "float16 does not run on cpu" in r.getMessage()]
+    assert len(warnings) == 1
 
 
 def test_bfloat16_runs_on_cpu(make_engine: EngineMaker) -> None:
