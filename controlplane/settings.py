@@ -17,6 +17,8 @@ import difflib
 import ipaddress
 import os
 import re
+import secrets
+import socket
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated
@@ -70,7 +72,9 @@ class Settings(BaseSettings):
     metrics_token: str | None = Field(
         default=None, description="API: when set, GET /metrics needs Authorization: Bearer "
                                   "with it (Prometheus' authorization.credentials)")
-    node_name: str = Field(default="node-1", description="prefix of worker names")
+    node_name: str = Field(default_factory=socket.gethostname,
+                           description="prefix of worker and verifier names (default: "
+                                       "the host name)")
     drain_timeout_s: float = Field(default=30.0, description="worker: finish running "
                                    "stages for this long on SIGTERM, then hand them back")
     job_ttl_s: int = 7 * 24 * 3600
@@ -125,6 +129,11 @@ class Settings(BaseSettings):
     @property
     def embedded_dir(self) -> Path:
         return self.home / "valkey"
+
+    def consumer_name(self, role: str) -> str:
+        """A name no other process shares, even in containers whose PIDs are all equal:
+        ``NODE/ROLE/PID-RANDOM`` (a worker's role is its device)."""
+        return f"{self.node_name}/{role}/{os.getpid()}-{secrets.token_hex(3)}"
 
     def as_environ(self) -> dict[str, str]:
         """These settings as ``LANEWAY_*`` variables (unset ones left out)."""

@@ -179,6 +179,32 @@ class LaneReader:
         return claimed
 
 
+    async def forget_gone_consumers(self, engine: str, tiers: list[str], *,
+                                    min_idle_ms: int) -> list[str]:
+        """Delete from the lanes' groups the consumers of workers that are gone: nothing
+        pending (their entries were claimed), idle for ``min_idle_ms`` and no heartbeat."""
+        gone = []
+        for tier in tiers:
+            stream = keys.engine_stream(engine, tier)
+            if stream not in self._groups:
+                continue
+            try:
+                consumers: list[dict[str, Any]] = await self.redis.xinfo_consumers(
+                    stream, keys.ENGINE_GROUP)
+            except aioredis.ResponseError:  # the group is gone: _read makes it again
+                continue
+            for consumer in consumers:
+                name = consumer["name"]
+                name = name.decode() if isinstance(name, bytes) else str(name)
+                if (name == self.consumer or int(consumer["pending"])
+                        or int(consumer["idle"]) < min_idle_ms
+                        or await self.redis.exists(keys.worker_heartbeat(name))):
+                    continue
+                await self.redis.xgroup_delconsumer(stream, keys.ENGINE_GROUP, name)
+                gone.append(name)
+        return gone
+
+
 def _entries(reply: list | None, tier: str) -> list[Entry]:
     out = []
     for stream, rows in reply or []:

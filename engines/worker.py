@@ -188,6 +188,10 @@ class Worker:
         for entry in claimed:
             log.warning("claimed entry %s of job %s left by a dead worker", entry.entry_id,
                         entry.message.job_id)
+        if not claimed:
+            for name in await self.reader.forget_gone_consumers(
+                    engine, tiers, min_idle_ms=spec.claim_idle_ms):
+                log.info("removed consumer %s of a gone worker from %s's lanes", name, engine)
         return claimed
 
     # -- beside the slots ----------------------------------------------------------------

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 
 import redis.asyncio as aioredis
 import torch
@@ -17,15 +16,11 @@ from controlplane.telemetry import setup_tracing, shutdown_tracing
 from engines.worker import Worker, WorkerOptions
 
 
-def worker_name(settings: Settings, device: str) -> str:
-    return f"{settings.node_name}/{device}/{os.getpid()}"
-
-
 async def _serve(settings: Settings, device: str, engines: frozenset[str] | None) -> None:
     assert settings.redis_url
     redis = aioredis.Redis.from_url(settings.redis_url, max_connections=128)
     worker = Worker(redis, WorkerOptions(
-        name=worker_name(settings, device), device=device,
+        name=settings.consumer_name(device), device=device,
         registry=Registry(settings.registry), artifacts=ArtifactStore(settings.artifacts),
         job_ttl_s=settings.job_ttl_s, engines=engines,
         drain_timeout_s=settings.drain_timeout_s, redis_url=settings.redis_url,

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 
 import redis.asyncio as aioredis
 
@@ -17,15 +16,11 @@ from verifier.typography import set_ocr_threads
 from verifier.worker import Verifier, VerifierOptions
 
 
-def verifier_name(settings: Settings) -> str:
-    return f"{settings.node_name}/verifier/{os.getpid()}"
-
-
 async def _serve(settings: Settings) -> None:
     assert settings.redis_url
     redis = aioredis.Redis.from_url(settings.redis_url)
     verifier = Verifier(redis, VerifierOptions(
-        name=verifier_name(settings), artifacts=ArtifactStore(settings.artifacts),
+        name=settings.consumer_name("verifier"), artifacts=ArtifactStore(settings.artifacts),
         job_ttl_s=settings.job_ttl_s, claim_idle_ms=settings.verify_claim_idle_ms,
     ))
     on_stop_signals(verifier.stop)

@@ -82,3 +82,30 @@ async def test_entries_of_a_silent_consumer_are_reclaimed(redis_url: str) -> Non
     (claimed,) = await alive.claim_stale("eng", ["standard"], min_idle_ms=50, count=1)
     assert claimed.entry_id == lost.entry_id
     await redis.aclose()
+
+
+async def test_a_gone_workers_consumer_is_removed_once_its_entries_are_claimed(
+        redis_url: str) -> None:
+    redis = aioredis.Redis.from_url(redis_url)
+    dead, alive = LaneReader(redis, "dead"), LaneReader(redis, "alive")
+    weights = {"standard": 1}
+    stream = keys.engine_stream("eng", "standard")
+    await dead.ensure_groups("eng", list(weights))
+    await alive.ensure_groups("eng", list(weights))
+    await _fill(redis, "eng", "standard", 1)
+    await dead.take("eng", weights)
+    await redis.hset(keys.worker_heartbeat("alive"), "name", "alive")
+
+    async def consumers() -> set[str]:
+        return {c["name"].decode() if isinstance(c["name"], bytes) else c["name"]
+                for c in await redis.xinfo_consumers(stream, keys.ENGINE_GROUP)}
+
+    # its entry is still pending: it stays
+    assert await alive.forget_gone_consumers("eng", ["standard"], min_idle_ms=0) == []
+    (claimed,) = await alive.claim_stale("eng", ["standard"], min_idle_ms=0, count=1)
+    await redis.xack(stream, keys.ENGINE_GROUP, claimed.entry_id)
+    # a live worker (it has a heartbeat) is never removed, nor is the caller itself
+    await alive.take("eng", weights, block=False)
+    assert await alive.forget_gone_consumers("eng", ["standard"], min_idle_ms=0) == ["dead"]
+    assert await consumers() == {"alive"}
+    await redis.aclose()
