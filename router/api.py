@@ -195,14 +195,17 @@ class SystemController(Controller):
     @get("/metrics", operation_id="metrics", media_type=CONTENT_TYPE_LATEST)
     async def metrics(self, api: ApiState,
                       authorization: AuthorizationHeader = None) -> Response[bytes]:
-        """Prometheus text: lanes, slots, stage times, admission, job outcomes, spend.
+        """Prometheus text: lanes, slots, stage times, admission, job outcomes, spend,
+        per-version counters, rollouts, dead letters.
 
         With ``LANEWAY_METRICS_TOKEN`` set, scrapes carry ``Authorization: Bearer TOKEN``.
         """
         token = api.settings.metrics_token
         if token and not token_matches(authorization, token):
             raise Forbidden("metrics token not accepted")
-        body = await render_metrics(api.redis, api.live.snapshot.policy)
+        snapshot = api.live.snapshot
+        body = await render_metrics(api.redis, snapshot.policy,
+                                    deployments=snapshot.deployments)
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     @get("/healthz", operation_id="healthz", media_type=MediaType.JSON)

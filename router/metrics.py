@@ -4,16 +4,17 @@ Workers push their figures through Redis (heartbeats with slot occupancy, the st
 histograms and counters of ``router/metrics_store.py``); the API reads them when scraped
 and serves them, so every API process reports the same totals and workers need no port.
 Stage times are stored in milliseconds with non-cumulative bucket counts; they are served
-in seconds with cumulative buckets, as Prometheus expects::
+in seconds with cumulative buckets, as Prometheus expects. The per-version counters that
+canary analysis reads are served for the versions the deployments name (stable, canary)::
 
-    body = await render_metrics(redis, policy)   # bytes, CONTENT_TYPE_LATEST
+    body = await render_metrics(redis, policy, deployments=snapshot.deployments)
 """
 
 from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry, generate_latest
@@ -22,13 +23,23 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from controlplane import keys
+from controlplane.deployments import Deployment
 from controlplane.metrics_store import BUCKETS_MS
 from controlplane.policy import Policy
+from controlplane.rollouts import Phase, Rollout
 from router.status import lane_stats, live_workers, worker_slots
 
 _STAGE_HISTOGRAMS = {"run": ("laneway_stage_run_seconds", "Engine run time of a stage"),
                      "queue": ("laneway_stage_queue_seconds",
                                "Time a stage waited in its lane before a slot took it")}
+#: fields of ``keys.version_stats`` served as counters per model and version
+_VERSION_COUNTERS = {
+    "stages": ("laneway_version_stages", "Stages that ended, per model version"),
+    "errors": ("laneway_version_stage_errors", "Stages that failed, per model version"),
+    "verdicts": ("laneway_version_verdicts", "Verifier verdicts, per model version"),
+    "verdicts_passed": ("laneway_version_verdicts_passed",
+                        "Verifier verdicts that passed, per model version"),
+}
 
 
 class _Families(Collector):
@@ -73,9 +84,40 @@ def _counter(name: str, doc: str, labels: list[str], fields: dict[str, str]) -> 
     return family
 
 
-async def collect(redis: aioredis.Redis, policy: Policy) -> list[Metric]:
+def version_counters(versions: list[tuple[str, str]],
+                     rows: list[dict[str, str]]) -> list[Metric]:
+    """Counter families from each ``(model, version)``'s ``keys.version_stats`` hash."""
+    families = {field: CounterMetricFamily(name, doc, labels=["model", "version"])
+                for field, (name, doc) in _VERSION_COUNTERS.items()}
+    for (model, version), row in zip(versions, rows, strict=True):
+        for field, family in families.items():
+            family.add_metric([model, version], float(row.get(field, 0)))
+    return list(families.values())
+
+
+def rollout_gauges(raw: dict[bytes, bytes]) -> list[Metric]:
+    """Each rollout's phase (1 for its phase, 0 for the others) and canary weight."""
+    phase = GaugeMetricFamily("laneway_rollout_phase",
+                              "Phase of a model's latest rollout (1: the phase it is in)",
+                              labels=["model", "canary", "phase"])
+    weight = GaugeMetricFamily("laneway_rollout_canary_weight_percent",
+                               "Canary's traffic share while its rollout is active",
+                               labels=["model", "canary"])
+    for rollout in sorted((Rollout.model_validate_json(v) for v in raw.values()),
+                          key=lambda r: r.model):
+        for name in Phase:
+            phase.add_metric([rollout.model, rollout.canary, name.value],
+                             float(rollout.phase is name))
+        weight.add_metric([rollout.model, rollout.canary], rollout.weight)
+    return [phase, weight]
+
+
+async def collect(redis: aioredis.Redis, policy: Policy, *,
+                  deployments: Mapping[str, Deployment] | None = None) -> list[Metric]:
     now_s = time.time()
     pairs = [(engine, tier) for engine in policy.engines for tier in policy.tiers]
+    versions = sorted({(d.model, version) for d in (deployments or {}).values()
+                       for version in (d.stable, d.canary) if version})
     streams = [keys.engine_stream(e, t) for e, t in pairs] + [keys.deferred_stream()]
     stats = await lane_stats(redis, streams, now_ms=int(now_s * 1000))
     async with redis.pipeline(transaction=False) as pipe:
@@ -83,11 +125,17 @@ async def collect(redis: aioredis.Redis, policy: Policy) -> list[Metric]:
         pipe.hgetall(keys.admission_outcomes())
         pipe.hgetall(keys.job_outcomes())
         pipe.hgetall(keys.engine_spend())
+        pipe.hgetall(keys.rollouts())
+        pipe.xlen(keys.dead_letter_stream())
         for route in policy.routes:
             pipe.get(keys.route_inflight(route.name))
+        for model, version in versions:
+            pipe.hgetall(keys.version_stats(model, version))
         replies = await pipe.execute()
     histograms, admission, outcomes, spend = (_decoded(r) for r in replies[:4])
-    inflight = replies[4:]
+    rollouts, dead_letter_n = replies[4:6]
+    inflight = replies[6:6 + len(policy.routes)]
+    version_rows = [_decoded(r) for r in replies[6 + len(policy.routes):]]
 
     depth = GaugeMetricFamily("laneway_lane_depth",
                               "Stage entries in a lane (queued and running)",
@@ -109,6 +157,9 @@ async def collect(redis: aioredis.Redis, policy: Policy) -> list[Metric]:
                                        labels=["route"])
     for route, n in zip(policy.routes, inflight, strict=True):
         route_inflight.add_metric([route.name], float(n or 0))
+    dead_letter = GaugeMetricFamily("laneway_dead_letter_entries",
+                                    "Entries in the dead-letter stream (trimmed near 10,000)")
+    dead_letter.add_metric([], dead_letter_n)
 
     busy = GaugeMetricFamily("laneway_worker_slots_busy", "Slots running a stage",
                              labels=["worker", "device", "engine"])
@@ -117,16 +168,24 @@ async def collect(redis: aioredis.Redis, policy: Policy) -> list[Metric]:
     heartbeat = GaugeMetricFamily("laneway_worker_heartbeat_age_seconds",
                                   "Seconds since the worker's last heartbeat",
                                   labels=["worker", "device"])
+    engine_slots = dict.fromkeys(policy.engines, 0)
     for worker in await live_workers(redis, now_s=now_s):
         name, device = worker.get("name", ""), worker.get("device", "")
         heartbeat.add_metric([name, device], now_s - float(worker.get("heartbeat_at", 0)))
         for engine, slots in worker_slots(worker).items():
             busy.add_metric([name, device, engine], slots["busy"])
             total.add_metric([name, device, engine], slots["total"])
+            engine_slots[engine] = engine_slots.get(engine, 0) + slots["total"]
+    live_slots = GaugeMetricFamily("laneway_engine_live_slots",
+                                   "Slots of live workers per engine (0: no live worker)",
+                                   labels=["engine"])
+    for engine, n in sorted(engine_slots.items()):
+        live_slots.add_metric([engine], n)
 
     return [
-        depth, age, deferred, deferred_age, route_inflight, busy, total, heartbeat,
-        *stage_histograms(histograms),
+        depth, age, deferred, deferred_age, route_inflight, dead_letter, busy, total,
+        heartbeat, live_slots, *stage_histograms(histograms),
+        *version_counters(versions, version_rows), *rollout_gauges(rollouts),
         _counter("laneway_admission", "Admission decisions per requested route and tier",
                  ["route", "tier", "outcome"], admission),
         _counter("laneway_jobs", "Jobs that ended, per route and final status",
@@ -136,7 +195,8 @@ async def collect(redis: aioredis.Redis, policy: Policy) -> list[Metric]:
     ]
 
 
-async def render_metrics(redis: aioredis.Redis, policy: Policy) -> bytes:
+async def render_metrics(redis: aioredis.Redis, policy: Policy, *,
+                         deployments: Mapping[str, Deployment] | None = None) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Families(await collect(redis, policy)))
+    registry.register(_Families(await collect(redis, policy, deployments=deployments)))
     return generate_latest(registry)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Callable
 
@@ -10,8 +11,10 @@ import redis.asyncio as aioredis
 from prometheus_client.parser import text_string_to_metric_families
 
 from controlplane import keys
+from controlplane.deployments import Deployment
 from controlplane.metrics_store import record_stage_times
 from controlplane.policy_loader import load_policy
+from controlplane.rollouts import Phase, Rollout
 from router.metrics import render_metrics
 from tests.conftest import POLICIES
 from tests.router.conftest import Router, RouterFactory
@@ -111,3 +114,51 @@ async def test_stage_histograms_are_served_cumulative_in_seconds(redis_url: str)
     assert value(samples, "laneway_stage_queue_seconds_count", **labels) is None
     assert value(samples, "laneway_admission_total", route="fast_draft", tier="batch",
                  outcome="deferred") == 2
+
+
+async def test_live_slots_dead_letters_versions_and_rollouts(redis_url: str) -> None:
+    redis = aioredis.Redis.from_url(redis_url)
+    now_s = time.time()
+    try:
+        for name, engines, seen_s in (("gpu0", ["sim-draft"], now_s),
+                                      ("gpu1", ["sim-draft", "turbo"], now_s),
+                                      ("dead", ["sim-draft"], now_s - 600)):
+            await redis.sadd(keys.workers(), name)
+            await redis.hset(keys.worker_heartbeat(name), mapping={
+                "name": name, "device": "cuda:0", "heartbeat_at": f"{seen_s:.3f}",
+                "slots": json.dumps({e: {"busy": 0, "total": 2} for e in engines})})
+        for n in range(3):
+            await redis.xadd(keys.dead_letter_stream(), {"job": f"j{n}"})
+        await redis.hset(keys.version_stats("sdxl", "2"), mapping={
+            "stages": 40, "errors": 3, "verdicts": 10, "verdicts_passed": 9})
+        await redis.hset(keys.version_stats("sdxl", "1"), mapping={"stages": 5})
+        await redis.hset(keys.version_stats("sdxl", "0"), mapping={"stages": 7})  # retired
+        stamp = "2026-01-01T00:00:00Z"
+        rollout = Rollout(model="sdxl", stable="1", canary="2", phase=Phase.aborted,
+                          started_at=stamp, updated_at=stamp, last_step_at_s=now_s)
+        await redis.hset(keys.rollouts(), "sdxl", rollout.model_dump_json())
+        deployments = {"sdxl": Deployment(model="sdxl", stable="1", canary="2",
+                                          canary_weight=10)}
+        policy = load_policy(POLICIES / "sim_lane.yaml")
+        samples = parse((await render_metrics(redis, policy,
+                                              deployments=deployments)).decode())
+        empty = parse((await render_metrics(redis, policy)).decode())
+    finally:
+        await redis.aclose()
+    assert value(samples, "laneway_engine_live_slots", engine="sim-draft") == 4
+    assert value(samples, "laneway_engine_live_slots", engine="turbo") == 2
+    assert value(samples, "laneway_dead_letter_entries") == 3
+    canary = {"model": "sdxl", "version": "2"}
+    assert value(samples, "laneway_version_stages_total", **canary) == 40
+    assert value(samples, "laneway_version_stage_errors_total", **canary) == 3
+    assert value(samples, "laneway_version_verdicts_total", **canary) == 10
+    assert value(samples, "laneway_version_verdicts_passed_total", **canary) == 9
+    stable = {"model": "sdxl", "version": "1"}
+    assert value(samples, "laneway_version_stages_total", **stable) == 5
+    assert value(samples, "laneway_version_stage_errors_total", **stable) == 0
+    assert value(samples, "laneway_version_stages_total", version="0") is None
+    phases = {p: value(samples, "laneway_rollout_phase", model="sdxl", canary="2", phase=p)
+              for p in Phase}
+    assert phases == {"progressing": 0, "paused": 0, "promoted": 0, "aborted": 1}
+    assert value(samples, "laneway_rollout_canary_weight_percent", model="sdxl") == 0
+    assert value(empty, "laneway_version_stages_total") is None  # no deployments given
