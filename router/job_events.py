@@ -7,8 +7,11 @@ as the SSE id, then new ones as the process's one reader hands them out
 (``router/event_fanout.py``). The response ends after the job's final event (``completed``,
 ``failed``, ``cancelled``) once the job is final — unless its verification is pending, then
 after ``verified`` or ``VERIFIED_WAIT_S``, whichever comes first. A job regenerated after a
-failed verification goes on, so its stream continues. A stream open for ``max_duration_s``
-ends with an SSE ``retry`` field: the client reconnects with ``Last-Event-ID`` and resumes.
+failed verification goes on, so its stream continues. A job already final (verdict in) when
+the client connects ends after its backlog, final event or not (it expired, or lies before
+``Last-Event-ID``). An idle stream costs no Redis command: it gets a keep-alive comment every
+``KEEPALIVE_S``. A stream open for ``max_duration_s`` ends with an SSE ``retry`` field: the
+client reconnects with ``Last-Event-ID`` and resumes.
 """
 
 from __future__ import annotations
@@ -64,7 +67,7 @@ def event_messages(fanout: EventFanout, jobs: JobStore, job: Job, *,
         raise ValidationFailed.of("Last-Event-ID", "must be an event id of this stream, "
                                   "like 1700000000000-0", last_event_id)
     subscription = fanout.open(job.id, tenant=tenant)
-    messages = _messages(fanout, subscription, jobs, job.public(), last_event_id or "0",
+    messages = _messages(fanout, subscription, jobs, job, last_event_id or "0",
                          verified_wait_s, max_duration_s)
     # a response that never starts its body never runs the generator's `finally`
     weakref.finalize(messages, fanout.close, subscription).atexit = False
@@ -72,15 +75,16 @@ def event_messages(fanout: EventFanout, jobs: JobStore, job: Job, *,
 
 
 async def _messages(fanout: EventFanout, subscription: Subscription, jobs: JobStore,
-                    state: dict[str, Any], cursor: str, verified_wait_s: float,
+                    job: Job, cursor: str, verified_wait_s: float,
                     max_duration_s: float | None) -> AsyncIterator[ServerSentEventMessage]:
     job_id = subscription.job_id
     deadline = time.monotonic() + max_duration_s if max_duration_s is not None else None
     try:
-        yield ServerSentEventMessage(data=json.dumps(state), event="state")
+        yield ServerSentEventMessage(data=json.dumps(job.public()), event="state")
         events = await _read_range(fanout.redis, job_id, after=cursor)
         fanout.follow(subscription, after=events[-1].id if events else cursor)
         ended_at: float | None = None  # when the final event arrived, verification pending
+        backlog = True
         quiet_since = time.monotonic()
         while True:
             kind = ""
@@ -88,6 +92,8 @@ async def _messages(fanout: EventFanout, subscription: Subscription, jobs: JobSt
                 if id_order(event.id) <= id_order(cursor):
                     continue  # read with the backlog already
                 cursor, kind = event.id, event.kind
+                if kind not in FINAL_EVENTS and kind != "verified":
+                    ended_at = None  # running (again, after a failed verification)
                 yield ServerSentEventMessage(data=event.data, event=kind, id=cursor)
                 quiet_since = time.monotonic()
             if kind in FINAL_EVENTS or kind == "verified":
@@ -98,7 +104,12 @@ async def _messages(fanout: EventFanout, subscription: Subscription, jobs: JobSt
                     return
                 elif ended_at is None:
                     ended_at = time.monotonic()
-            events = []
+            elif backlog and job.status.is_final:
+                # its final event lies before Last-Event-ID, or expired with the stream
+                if not job.verification.pending:
+                    return  # a final job's record and events no longer change
+                ended_at = time.monotonic()
+            backlog, events = False, []
             now = time.monotonic()
             if ended_at is not None and now - ended_at > verified_wait_s:
                 return
@@ -116,13 +127,10 @@ async def _messages(fanout: EventFanout, subscription: Subscription, jobs: JobSt
                 async with asyncio.timeout(max(wait_s, 0)):
                     batch = await subscription.queue.get()
             except TimeoutError:
-                if time.monotonic() - quiet_since < KEEPALIVE_S:
-                    continue  # woken for a bound: checked above
-                if ended_at is None and (await jobs.get(job_id)).status.is_final:
-                    return  # the final event expired from the stream; nothing more will come
-                yield ServerSentEventMessage(comment=KEEPALIVE_COMMENT)
-                quiet_since = time.monotonic()
-                continue
+                if time.monotonic() - quiet_since >= KEEPALIVE_S:
+                    yield ServerSentEventMessage(comment=KEEPALIVE_COMMENT)
+                    quiet_since = time.monotonic()
+                continue  # the bounds are checked above
             events = batch.events
             if id_order(batch.after) > id_order(cursor):  # read before this client followed
                 events = await _read_range(fanout.redis, job_id, after=cursor,

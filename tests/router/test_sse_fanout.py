@@ -258,6 +258,15 @@ async def test_a_stream_at_its_maximum_duration_ends_with_retry_and_resumes(
             assert resumed.retry_ms == RECONNECT_MS  # ended by the bound, not by the job
         assert seen == (await router.events(job_id))[1:]  # no event twice, none missed
 
+        # an ended job's stream ends after its backlog, without its final event too
+        after_end = await read_stream(router.http, job_id,
+                                      headers={"Last-Event-ID": str(seen[-1][2])})
+        await router.redis.delete(keys.job_events(job_id))  # as if it had expired
+        expired = await read_stream(router.http, job_id)
+        for ended in (after_end, expired):
+            assert [kind for kind, _, _ in ended.events] == ["state"]
+            assert ended.retry_ms is None  # not held open until the bound
+
         malformed = await router.http.get(f"/v1/jobs/{job_id}/events",
                                           headers={"Last-Event-ID": "yesterday"})
         assert malformed.status_code == 422
