@@ -183,13 +183,15 @@ class EventFanout:
                     {stream: reading[job_id][1] for stream, job_id in streams.items()},
                     count=READ_COUNT, block=self.block_ms)
             except aioredis.RedisError as exc:
-                log.warning("reading job events failed (%s); trying again in %.1f s",
-                            exc, retry_s)
+                if retry_s == RETRY_FIRST_S:  # once per outage
+                    log.warning("reading job events failed (%s); trying again", exc)
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout=retry_s)
                 retry_s = min(retry_s * 2, RETRY_MAX_S)
                 continue
+            if retry_s != RETRY_FIRST_S:
+                log.warning("reading job events again")
             retry_s = RETRY_FIRST_S
             for stream, entries in reply or []:
                 job_id = streams[stream.decode()]

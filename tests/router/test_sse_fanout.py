@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import signal
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +26,7 @@ from router import job_events
 from router.event_fanout import EventFanout, StreamEvent, Subscription
 from router.job_events import RECONNECT_MS, job_event_messages
 from tests.router.conftest import Router, running_router
+from tests.router.test_errors import own_valkey
 
 POLICY = parse_policy("""
 version: 1
@@ -271,6 +274,25 @@ async def test_a_stream_at_its_maximum_duration_ends_with_retry_and_resumes(
                                           headers={"Last-Event-ID": "yesterday"})
         assert malformed.status_code == 422
         assert malformed.json()["error"]["details"][0]["field"] == "Last-Event-ID"
+
+
+async def test_an_open_stream_carries_on_after_the_server_restarts(tmp_path: Path) -> None:
+    with own_valkey(tmp_path / "valkey") as server:
+        async with router_at(server.url, tmp_path, redis_timeout_s=0.5) as router:
+            job_id = (await router.submit()).json()["id"]
+            client = await open_stream(router.http, job_id)
+            assert server.pid is not None
+            os.kill(server.pid, signal.SIGKILL)
+            for _ in range(1000):
+                if server.poll() is not None:
+                    break
+                await asyncio.sleep(0.01)
+            await asyncio.to_thread(server.restart)
+            await router.start_worker("draft")  # its events come after the restart
+            stream = await asyncio.wait_for(client.task, TIMEOUT_S)
+            history = (await router.events(job_id))[1:]
+            assert history[-1][0] == "completed"
+            assert stream.events[1:] == history
 
 
 @pytest.mark.parametrize("shared_read_from", ["later", "earlier"])
