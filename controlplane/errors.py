@@ -12,6 +12,7 @@
     │   ├── PayloadTooLarge         413
     │   ├── Conflict                409 (the state changed under the request, or forbids it)
     │   └── AdmissionRefused        429 with Retry-After
+    │       └── TooManyStreams      429: open event streams at a cap (process or tenant)
     ├── RetryableError              transient; carries the delay before the next try
     │   └── EngineUnavailable       a remote engine's circuit is open or its retries ran out
     ├── StageStopped                a running stage stopped at a denoising step, on purpose
@@ -122,6 +123,10 @@ class AdmissionRefused(ClientError):
     def __init__(self, message: str, *, retry_after_s: int) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class TooManyStreams(AdmissionRefused):
+    code = "too_many_streams"
 
 
 class RetryableError(LanewayError):

@@ -79,6 +79,18 @@ class Settings(BaseSettings):
                                    "stages for this long on SIGTERM, then hand them back")
     job_ttl_s: int = 7 * 24 * 3600
     idempotency_ttl_s: int = 24 * 3600
+    sse_max_streams: int = Field(
+        default=1000, gt=0,
+        description="API: open event streams (GET /v1/jobs/{id}/events) per process; "
+                    "beyond, 429 too_many_streams")
+    sse_max_streams_per_tenant: int = Field(
+        default=100, gt=0,
+        description="API: open event streams per tenant and process, when the policy has "
+                    "tenants; beyond, 429 too_many_streams")
+    sse_max_duration_s: float = Field(
+        default=300.0, gt=0,
+        description="API: an event stream open this long ends with an SSE retry field; "
+                    "the client reconnects with Last-Event-ID")
     verify_claim_idle_ms: int = Field(
         default=60_000, gt=0,
         description="a verification left pending this long by a dead verifier is reclaimed")

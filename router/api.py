@@ -24,7 +24,8 @@ from controlplane.live_config import LiveConfig
 from controlplane.settings import Settings
 from router.cancel import cancel_job
 from router.engine_liveness import EngineLiveness
-from router.job_events import job_event_messages
+from router.event_fanout import EventFanout
+from router.job_events import event_messages
 from router.metrics import render_metrics
 from router.requests import ImageRequest
 from router.status import status_body
@@ -40,13 +41,13 @@ class ApiState:
     settings: Settings
     #: request-path commands; fails within ``settings.redis_timeout_s`` when Redis is down
     redis: aioredis.Redis
-    #: blocking reads (XREAD BLOCK of event streams): its reply timeout outlasts the BLOCK
-    blocking_redis: aioredis.Redis
     #: where tenants' keys are read: ``api_key_env`` name → key (the process environment)
     secrets: Mapping[str, str]
     live: LiveConfig
     jobs: JobStore
     waiters: JobWaiters
+    #: the process's one reader of job event streams, serving every SSE client
+    fanout: EventFanout
     artifacts: ArtifactStore
     submitter: Submitter
     liveness: EngineLiveness
@@ -122,10 +123,16 @@ class JobsController(Controller):
     async def events(self, job_id: str, api: ApiState, last_event_id: Annotated[
             str | None, Parameter(header="Last-Event-ID", required=False)] = None,
                      authorization: AuthorizationHeader = None) -> ServerSentEvent:
-        """The job's events as Server-Sent Events: its state first, then its history, live."""
-        await _visible_job(api, job_id, authorization)
-        messages: AsyncIterator[ServerSentEventMessage] = await job_event_messages(
-            api.blocking_redis, api.jobs, job_id, last_event_id=last_event_id)
+        """The job's events as Server-Sent Events: its state first, then its history, live.
+
+        429 ``too_many_streams`` (Retry-After) when this process has
+        ``sse_max_streams`` open, or the caller's tenant ``sse_max_streams_per_tenant``.
+        """
+        job = await _visible_job(api, job_id, authorization)
+        tenant = job.request.tenant if api.live.snapshot.policy.tenants else None
+        messages: AsyncIterator[ServerSentEventMessage] = event_messages(
+            api.fanout, api.jobs, job, tenant=tenant, last_event_id=last_event_id,
+            max_duration_s=api.settings.sse_max_duration_s)
         return ServerSentEvent(messages)
 
     @get("/jobs/{job_id:str}", operation_id="getJob")

@@ -23,7 +23,7 @@ from router.admin_api import AdminController
 from router.api import ApiState, JobsController, SystemController
 from router.deferral import DeferralDispatcher
 from router.engine_liveness import EngineLiveness
-from router.job_events import READ_BLOCK_MS
+from router.event_fanout import EventFanout
 from router.openai_compat import OpenAIImagesController
 from router.submit import Submitter
 from router.waiters import JobWaiters
@@ -38,15 +38,6 @@ def request_redis(settings: Settings) -> aioredis.Redis:
                                    socket_timeout=settings.redis_timeout_s)
 
 
-def blocking_redis(settings: Settings) -> aioredis.Redis:
-    """The client of blocking reads (an event stream's XREAD BLOCK): its reply timeout is
-    the BLOCK plus ``redis_timeout_s``, so a quiet stream is not taken for a dead server."""
-    assert settings.redis_url
-    return aioredis.Redis.from_url(
-        settings.redis_url, socket_connect_timeout=settings.redis_timeout_s,
-        socket_timeout=READ_BLOCK_MS / 1000 + settings.redis_timeout_s)
-
-
 def create_app(settings: Settings, *, secrets: Mapping[str, str],
                host_problems: Callable[[], list[str]] = list) -> Litestar:
     """The API against ``settings.redis_url``; tenants' keys are read from ``secrets``
@@ -57,7 +48,8 @@ def create_app(settings: Settings, *, secrets: Mapping[str, str],
     if not settings.redis_url:
         raise RuntimeError("the API needs LANEWAY_REDIS_URL (laneway serve sets it)")
     redis = request_redis(settings)
-    blocking = blocking_redis(settings)
+    fanout = EventFanout(redis, max_streams=settings.sse_max_streams,
+                         max_streams_per_tenant=settings.sse_max_streams_per_tenant)
     live = LiveConfig(redis)
     waiters = JobWaiters(redis)
     artifacts = ArtifactStore(settings.artifacts)
@@ -65,11 +57,11 @@ def create_app(settings: Settings, *, secrets: Mapping[str, str],
     state = ApiState(
         settings=settings,
         redis=redis,
-        blocking_redis=blocking,
         secrets=secrets,
         live=live,
         jobs=JobStore(redis),
         waiters=waiters,
+        fanout=fanout,
         artifacts=artifacts,
         submitter=Submitter(redis, live, artifacts, settings.job_ttl_s,
                             idempotency_ttl_s=settings.idempotency_ttl_s,
@@ -88,11 +80,11 @@ def create_app(settings: Settings, *, secrets: Mapping[str, str],
         try:
             yield
         finally:
+            await fanout.stop()
             await liveness.stop()
             await deferral.stop()
             await waiters.stop()
             await live.stop()
-            await blocking.aclose()
             await redis.aclose()
             shutdown_tracing()
 

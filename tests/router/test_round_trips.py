@@ -36,7 +36,8 @@ routes:
 
 #: loops that run on a timer whatever the traffic
 BACKGROUND = ("_heartbeat_loop", "_cancel_listener", "LiveConfig.", "JobWaiters._listen",
-              "DeferralDispatcher._run", "EngineLiveness._refresh_loop")
+              "DeferralDispatcher._run", "EngineLiveness._refresh_loop",
+              "EventFanout._read_loop")
 JOBS = 10
 MAX_ROUND_TRIPS_PER_JOB = 6
 
