@@ -278,6 +278,14 @@ class Tenant(Strict):
     tiers: tuple[str, ...] = ()
 
 
+class Devices(Strict):
+    """Defaults for every worker device (``laneway worker --max-stages`` overrides)."""
+
+    #: stages running at once on one device across its engines (None: only the engines'
+    #: own ``max_concurrency`` caps apply)
+    max_concurrent_stages: PositiveInt | None = None
+
+
 class Defer(Strict):
     max_interactive_depth: int = Field(default=0, ge=0)
 
@@ -292,6 +300,7 @@ class Policy(Strict):
     aliases: dict[str, Alias] = Field(default_factory=dict)
     tenants: dict[str, Tenant] = Field(default_factory=dict)
     defer: Defer = Defer()
+    devices: Devices = Devices()
 
     def canonical_json(self) -> str:
         return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))

@@ -33,6 +33,7 @@ from controlplane.policy import DIFFUSERS_KINDS, EngineKind, EngineSpec, Policy
 from controlplane.pubsub import follow
 from controlplane.registry import Registry
 from engines.batching import fill_batch
+from engines.device_gate import DeviceGate
 from engines.lanes import Entry, LaneReader
 from engines.stage_outcomes import Outcomes
 from engines.stage_runner import RunnerContext, Slot, StageRunner
@@ -55,6 +56,8 @@ class WorkerOptions:
     engines: frozenset[str] | None = None
     drain_timeout_s: float = 30.0
     redis_url: str | None = None  # for remote engines' circuit breakers
+    #: stages at once on this device across engines (None: the policy's ``devices``)
+    max_stages: int | None = None
 
 
 class Worker:
@@ -71,6 +74,9 @@ class Worker:
                           registry=options.registry, artifacts=options.artifacts,
                           executor=self._executor, redis_url=options.redis_url))
         self._slots: dict[str, list[Slot]] = {}
+        self.gate = DeviceGate(self._max_stages)
+        #: entries taken by slots that wait for the device (the heartbeat keeps them claimed)
+        self._waiting: dict[bytes, Entry] = {}
         self._slot_tasks: list[asyncio.Task[None]] = []
         self._next_claim_s: dict[str, float] = {}
         self._stopping = asyncio.Event()
@@ -93,6 +99,7 @@ class Worker:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), timeout=1.0)
                 self._reconcile_slots()
+                await self.gate.recheck()
             await self._drain()
         finally:
             self._helpers_stop.set()
@@ -152,17 +159,32 @@ class Worker:
             try:
                 entries = await self._next_entries(slot.engine, spec, policy)
                 if entries:
-                    slot.busy = True
-                    try:
-                        await self.runner.run(slot, entries)
-                    finally:
-                        slot.busy = False
+                    await self._run_on_device(slot, entries)
             except aioredis.ConnectionError:
                 log.warning("slot %s/%d lost Redis; retrying in 1 s", slot.engine, slot.index)
                 await asyncio.sleep(1.0)
             except Exception:  # a bug must not kill the slot; the entry stays pending
                 log.exception("slot %s/%d: unexpected error", slot.engine, slot.index)
                 await asyncio.sleep(1.0)
+
+    async def _run_on_device(self, slot: Slot, entries: list[Entry]) -> None:
+        self._waiting.update((e.entry_id, e) for e in entries)
+        try:
+            async with self.gate.stage():
+                for entry in entries:
+                    self._waiting.pop(entry.entry_id, None)
+                slot.busy = True
+                try:
+                    await self.runner.run(slot, entries)
+                finally:
+                    slot.busy = False
+        finally:
+            for entry in entries:
+                self._waiting.pop(entry.entry_id, None)
+
+    def _max_stages(self) -> int | None:
+        return (self.options.max_stages
+                or self.live.snapshot.policy.devices.max_concurrent_stages)
 
     async def _next_entries(self, engine: str, spec: EngineSpec, policy: Policy
                             ) -> list[Entry]:
@@ -230,11 +252,14 @@ class Worker:
             pipe.hset(keys.worker_heartbeat(self.name), mapping={
                 "name": self.name, "device": self.options.device, "pid": os.getpid(),
                 "slots": json.dumps(slots), "heartbeat_at": f"{time.time():.3f}",
+                "stages": json.dumps({"running": self.gate.running,
+                                      "allowed": self.gate.allowed}),
             })
             pipe.expire(keys.worker_heartbeat(self.name), HEARTBEAT_TTL_S)
             pipe.sadd(keys.workers(), self.name)
             # Touch in-flight entries so a long stage is not mistaken for an abandoned one.
-            for entry in [*self.runner.inflight.values(), *self.reader.held()]:
+            for entry in [*self.runner.inflight.values(), *self.reader.held(),
+                          *self._waiting.values()]:
                 pipe.xclaim(entry.stream, keys.ENGINE_GROUP, self.name, 0, [entry.entry_id],
                             justid=True)
             await pipe.execute()

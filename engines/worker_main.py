@@ -16,7 +16,8 @@ from controlplane.telemetry import setup_tracing, shutdown_tracing
 from engines.worker import Worker, WorkerOptions
 
 
-async def _serve(settings: Settings, device: str, engines: frozenset[str] | None) -> None:
+async def _serve(settings: Settings, device: str, engines: frozenset[str] | None,
+                 max_stages: int | None) -> None:
     assert settings.redis_url
     redis = aioredis.Redis.from_url(settings.redis_url, max_connections=128)
     worker = Worker(redis, WorkerOptions(
@@ -24,6 +25,7 @@ async def _serve(settings: Settings, device: str, engines: frozenset[str] | None
         registry=Registry(settings.registry), artifacts=ArtifactStore(settings.artifacts),
         job_ttl_s=settings.job_ttl_s, engines=engines,
         drain_timeout_s=settings.drain_timeout_s, redis_url=settings.redis_url,
+        max_stages=max_stages,
     ))
     on_stop_signals(worker.stop)
     try:
@@ -32,12 +34,13 @@ async def _serve(settings: Settings, device: str, engines: frozenset[str] | None
         await redis.aclose()
 
 
-def run_worker(settings: Settings, *, device: str, engines: frozenset[str] | None) -> None:
+def run_worker(settings: Settings, *, device: str, engines: frozenset[str] | None,
+               max_stages: int | None = None) -> None:
     """Block serving stage entries until a stop signal; return when drained."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(levelname)s %(message)s")
     torch.set_num_threads(settings.torch_threads)
     setup_tracing("laneway-worker")
     try:
-        asyncio.run(_serve(settings, device, engines))
+        asyncio.run(_serve(settings, device, engines, max_stages))
     finally:
         shutdown_tracing()

@@ -89,6 +89,9 @@ def worker(
         help="Torch device: cpu, cuda:0, ... (default LANEWAY_DEVICE, else cpu).")] = None,
     engines: Annotated[str | None, typer.Option(
         help="Comma-separated engine names to serve (default: every local engine).")] = None,
+    max_stages: Annotated[int | None, typer.Option(
+        min=1, help="Stages at once on this device across its engines (default: the "
+                    "policy's devices.max_concurrent_stages, else no device cap).")] = None,
     redis_url: RedisUrl = None,
     registry: RegistryDir = None,
 ) -> None:
@@ -99,7 +102,7 @@ def worker(
     if not settings.redis_url:
         raise _fail("laneway worker needs --redis-url or LANEWAY_REDIS_URL", EXIT_USAGE)
     names = frozenset(n.strip() for n in engines.split(",") if n.strip()) if engines else None
-    run_worker(settings, device=settings.device, engines=names)
+    run_worker(settings, device=settings.device, engines=names, max_stages=max_stages)
 
 
 @app.command()
