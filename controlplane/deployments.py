@@ -16,11 +16,16 @@ from redis.asyncio.client import Pipeline
 from controlplane import keys
 
 
+def control_message(model: str) -> str:
+    """What the control channel carries when ``model``'s deployment changed."""
+    return json.dumps({"kind": "deployment", "model": model})
+
+
 def put_in(pipe: Pipeline, deployment: Deployment) -> None:
-    """Write ``deployment`` and announce it, inside the caller's transaction."""
+    """Write ``deployment`` and announce it, inside the caller's transaction (set-up and
+    tests; control-plane changes go through ``controlplane/deployment_writes.py``)."""
     pipe.hset(keys.deployments(), deployment.model, deployment.model_dump_json())
-    pipe.publish(keys.CONTROL_CHANNEL,
-                 json.dumps({"kind": "deployment", "model": deployment.model}))
+    pipe.publish(keys.CONTROL_CHANNEL, control_message(deployment.model))
 
 
 class Deployment(BaseModel):
@@ -28,6 +33,10 @@ class Deployment(BaseModel):
     stable: str
     canary: str | None = None
     canary_weight: float = Field(default=0.0, ge=0, le=100)
+    #: +1 with every change (the compare-and-set token of ``deployment_writes.commit``)
+    revision: int = Field(default=0, ge=0)
+    #: the audit action that wrote this record (``rollback``, ``rollout.promoted``, ...)
+    last_change: str = ""
 
     def pick(self, job_id: str) -> str:
         """Stable or canary for this job, by weight, sticky on the job id."""

@@ -12,7 +12,8 @@
     │   ├── PayloadTooLarge         413
     │   ├── Conflict                409 (the state changed under the request, or forbids it)
     │   └── AdmissionRefused        429 with Retry-After
-    │       └── TooManyStreams      429: open event streams at a cap (process or tenant)
+    │       ├── TooManyStreams      429: open event streams at a cap (process or tenant)
+    │       └── DeferredQueueFull   the deferred queue holds ``defer.max_depth`` jobs
     ├── RetryableError              transient; carries the delay before the next try
     │   └── EngineUnavailable       a remote engine's circuit is open or its retries ran out
     ├── StageStopped                a running stage stopped at a denoising step, on purpose
@@ -120,13 +121,20 @@ class AdmissionRefused(ClientError):
     status_code = 429
     code = "queue_full"
 
-    def __init__(self, message: str, *, retry_after_s: int) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, *, retry_after_s: int,
+                 details: list[FieldError] | None = None) -> None:
+        super().__init__(message, details=details)
         self.retry_after_s = retry_after_s
 
 
 class TooManyStreams(AdmissionRefused):
     code = "too_many_streams"
+
+
+class DeferredQueueFull(AdmissionRefused):
+    """A deferrable job would have waited in a deferred queue already at its cap."""
+
+    code = "deferred_queue_full"
 
 
 class RetryableError(LanewayError):

@@ -135,6 +135,11 @@ def deferred_stream() -> str:
     return f"{PREFIX}:deferred"
 
 
+def deferred_released(epoch_s: int) -> str:
+    """Deferred jobs released in one wall-clock second (the deferred queue's drain rate)."""
+    return f"{PREFIX}:deferred:released:{epoch_s}"
+
+
 def deferral_lock() -> str:
     """Held (with expiry) by the one API process that releases deferred jobs."""
     return f"{PREFIX}:deferred:lock"

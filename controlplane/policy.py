@@ -288,6 +288,8 @@ class Devices(Strict):
 
 class Defer(Strict):
     max_interactive_depth: int = Field(default=0, ge=0)
+    #: deferred jobs waiting at most; a submit that would defer one more is refused (429)
+    max_depth: PositiveInt = 10_000
 
 
 class Policy(Strict):

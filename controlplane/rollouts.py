@@ -1,6 +1,7 @@
 """Canary rollouts: a phase enum, an explicit transition table, and one function applying a
-transition (deployment first, then the rollout record and its audit entry, in one Redis
-transaction, under an OpenTelemetry span).
+transition (deployment first, then the rollout record and its audit entry, in one
+compare-and-set on the model's deployment revision — ``controlplane/deployment_writes.py``
+— under an OpenTelemetry span).
 
 ::
 
@@ -22,8 +23,9 @@ import redis.asyncio as aioredis
 from opentelemetry.trace import Status, StatusCode
 from pydantic import BaseModel, ConfigDict, Field
 
-from controlplane import audit, keys, stable_history
-from controlplane.deployments import Deployment, put_in
+from controlplane import audit, deployment_writes, keys, stable_history
+from controlplane.deployment_writes import ModelState, ModelWrite
+from controlplane.deployments import Deployment
 from controlplane.errors import Conflict, NotFound, ValidationFailed
 from controlplane.jobs import utc_now
 from controlplane.telemetry import tracer
@@ -136,55 +138,42 @@ class RolloutStore:
                       key=lambda r: r.model)
 
 
-def _deployment_for(rollout: Rollout) -> Deployment:
+def rollout_in(state: ModelState) -> Rollout | None:
+    """The rollout record of a snapshot, if the model has one."""
+    raw = state.rollout_json
+    return None if raw is None else Rollout.model_validate_json(raw)
+
+
+def _deployment_for(rollout: Rollout, *, action: str) -> Deployment:
     """The deployment a rollout in its (new) phase implies."""
     if rollout.phase is Phase.promoted:
-        return Deployment(model=rollout.model, stable=rollout.canary)
+        return Deployment(model=rollout.model, stable=rollout.canary, last_change=action)
     if rollout.phase is Phase.aborted:
-        return Deployment(model=rollout.model, stable=rollout.stable)
+        return Deployment(model=rollout.model, stable=rollout.stable, last_change=action)
     return Deployment(model=rollout.model, stable=rollout.stable, canary=rollout.canary,
-                      canary_weight=rollout.weight)
+                      canary_weight=rollout.weight, last_change=action)
 
 
-async def _write(redis: aioredis.Redis, before: Rollout | None, after: Rollout, *,
-                 action: str, actor: str, reason: str) -> None:
-    """Persist ``after`` if the stored record is still ``before``; else raise Conflict.
-
-    One transaction: deployment (traffic moves first), stable history, rollout record,
-    audit entry, control-channel message.
-    """
-    async with redis.pipeline(transaction=True) as pipe:
-        await pipe.watch(keys.rollouts(), keys.deployments(),
-                         keys.stable_history(after.model))
-        raw = await pipe.hget(keys.rollouts(), after.model)
-        stored = None if raw is None else Rollout.model_validate_json(raw)
-        if before is None and stored is not None and stored.phase.is_active:
-            raise Conflict(f"model {after.model!r} already has a {stored.phase} rollout "
-                           f"to version {stored.canary}")
-        if before is not None and (stored is None or stored.revision != before.revision):
-            raise Conflict(f"rollout of {after.model!r} changed meanwhile; try again")
-        raw_deployment = await pipe.hget(keys.deployments(), after.model)
-        if raw_deployment is None:
-            raise NotFound(f"model {after.model!r} has no deployment")
-        current = Deployment.model_validate_json(raw_deployment)
-        if current.stable != after.stable:
-            raise Conflict(f"{after.model}: stable is {current.stable}, the rollout expected "
-                           f"{after.stable}")
-        history = await stable_history.versions(pipe, after.model)  # type: ignore[arg-type]
-        pipe.multi()
-        put_in(pipe, _deployment_for(after))
-        if after.phase is Phase.promoted:
-            stable_history.change_in(pipe, history, after.model, after.stable, after.canary,
-                                     reason=f"promoted by rollout: {reason}")
-        pipe.hset(keys.rollouts(), after.model, after.model_dump_json())
-        audit.add_in(pipe, audit.AuditEntry.now(
-            actor, action, after.model, reason, phase=after.phase.value, weight=after.weight,
-            stable=after.stable, canary=after.canary))
-        try:
-            await pipe.execute()
-        except aioredis.WatchError:
-            raise Conflict(f"rollout of {after.model!r} changed meanwhile (a concurrent "
-                           "admin write); try again") from None
+async def _write(redis: aioredis.Redis, state: ModelState, after: Rollout, *, action: str,
+                 actor: str, reason: str) -> None:
+    """Persist ``after`` with the deployment it implies, if ``state`` is still current;
+    else raise Conflict. One compare-and-set: deployment (traffic moves first), stable
+    history, rollout record, audit entry, control-channel message."""
+    current = state.require_deployment()
+    if current.stable != after.stable:
+        raise Conflict(f"{after.model}: stable is {current.stable}, the rollout expected "
+                       f"{after.stable}")
+    history: tuple[str, ...] = ()
+    if after.phase is Phase.promoted:
+        history = tuple(stable_history.rows_for_change(
+            state.history, after.stable, after.canary,
+            reason=f"promoted by rollout: {reason}"))
+    entry = audit.AuditEntry.now(actor, action, after.model, reason, phase=after.phase.value,
+                                 weight=after.weight, stable=after.stable,
+                                 canary=after.canary)
+    await deployment_writes.commit(redis, state, ModelWrite(
+        _deployment_for(after, action=action), rollout_json=after.model_dump_json(),
+        history_rows=history, audit=(entry,)))
 
 
 async def start_rollout(redis: aioredis.Redis, *, model: str, version: str, now_s: float,
@@ -192,15 +181,21 @@ async def start_rollout(redis: aioredis.Redis, *, model: str, version: str, now_
                         interval_s: float = DEFAULT_INTERVAL_S,
                         min_samples: int = DEFAULT_MIN_SAMPLES,
                         thresholds: Thresholds | None = None) -> Rollout:
-    """Start sending ``steps[0]`` percent of ``model``'s traffic to ``version``."""
+    """Start sending ``steps[0]`` percent of ``model``'s traffic to ``version``.
+
+    Raises Conflict when the model has an active rollout, or when its deployment changed
+    between this call's read and its write (a concurrent start or rollback won).
+    """
     check_steps(steps)
-    raw = await redis.hget(keys.deployments(), model)
-    if raw is None:
-        raise NotFound(f"model {model!r} has no deployment (is it in the policy?)")
-    stable = Deployment.model_validate_json(raw).stable
+    state = await deployment_writes.read_model_state(redis, model)
+    stable = state.require_deployment().stable
     if version == stable:
         raise ValidationFailed.of("version", f"is already the stable version of {model}",
                                   version)
+    stored = rollout_in(state)
+    if stored is not None and stored.phase.is_active:
+        raise Conflict(f"model {model!r} already has a {stored.phase} rollout "
+                       f"to version {stored.canary}")
     baseline = {}
     for name in (stable, version):
         stats = await read_stats(redis, model, name)
@@ -215,9 +210,36 @@ async def start_rollout(redis: aioredis.Redis, *, model: str, version: str, now_
     with _tracer.start_as_current_span("laneway.rollout.start") as span:
         span.set_attributes({"laneway.model": model, "laneway.stable": stable,
                              "laneway.canary": version, "laneway.weight": rollout.weight})
-        await _write(redis, None, rollout, action="rollout.start", actor=actor,
+        await _write(redis, state, rollout, action="rollout.start", actor=actor,
                      reason=reason or rollout.message)
     return rollout
+
+
+def advanced(rollout: Rollout, phase: Phase, *, now_s: float, reason: str,
+             step_index: int | None = None) -> Rollout:
+    """``rollout`` moved to ``phase`` (and weight step ``step_index``), not yet persisted.
+
+    Raises Conflict for a transition the table forbids.
+    """
+    if phase not in TRANSITIONS[rollout.phase]:
+        raise Conflict(f"rollout of {rollout.model} is {rollout.phase}; cannot move to {phase}")
+    index = rollout.step_index if step_index is None else step_index
+    if not 0 <= index < len(rollout.steps):
+        raise ValidationFailed.of("step_index", f"must be below {len(rollout.steps)}", index)
+    return rollout.model_copy(update={
+        "phase": phase, "step_index": index, "updated_at": utc_now(), "message": reason,
+        "last_step_at_s": now_s if phase is Phase.progressing else rollout.last_step_at_s,
+        "iterations": rollout.iterations + 1, "revision": rollout.revision + 1,
+    })
+
+
+def check_current(state: ModelState, rollout: Rollout) -> None:
+    """Raise Conflict unless ``rollout`` is the model's stored rollout as it is now."""
+    stored = rollout_in(state)
+    if (stored is None or stored.started_at != rollout.started_at
+            or stored.revision != rollout.revision):
+        raise Conflict(f"rollout of {rollout.model!r} changed meanwhile; read it again "
+                       "and retry")
 
 
 async def apply_transition(redis: aioredis.Redis, rollout: Rollout, phase: Phase, *,
@@ -225,19 +247,10 @@ async def apply_transition(redis: aioredis.Redis, rollout: Rollout, phase: Phase
                            step_index: int | None = None) -> Rollout:
     """Move ``rollout`` to ``phase`` (and weight step ``step_index``), persisted and audited.
 
-    Raises Conflict for a transition the table forbids or when the stored rollout changed
-    since ``rollout`` was read.
+    Raises Conflict for a transition the table forbids or when the stored rollout (or the
+    model's deployment) changed since ``rollout`` was read.
     """
-    if phase not in TRANSITIONS[rollout.phase]:
-        raise Conflict(f"rollout of {rollout.model} is {rollout.phase}; cannot move to {phase}")
-    index = rollout.step_index if step_index is None else step_index
-    if not 0 <= index < len(rollout.steps):
-        raise ValidationFailed.of("step_index", f"must be below {len(rollout.steps)}", index)
-    after = rollout.model_copy(update={
-        "phase": phase, "step_index": index, "updated_at": utc_now(), "message": reason,
-        "last_step_at_s": now_s if phase is Phase.progressing else rollout.last_step_at_s,
-        "iterations": rollout.iterations + 1, "revision": rollout.revision + 1,
-    })
+    after = advanced(rollout, phase, now_s=now_s, reason=reason, step_index=step_index)
     is_step = phase is Phase.progressing and rollout.phase is Phase.progressing
     action = "rollout.step" if is_step else f"rollout.{phase}"
     with _tracer.start_as_current_span("laneway.rollout.transition") as span:
@@ -247,7 +260,9 @@ async def apply_transition(redis: aioredis.Redis, rollout: Rollout, phase: Phase
             "laneway.canary": rollout.canary, "laneway.reason": reason,
         })
         try:
-            await _write(redis, rollout, after, action=action, actor=actor, reason=reason)
+            state = await deployment_writes.read_model_state(redis, rollout.model)
+            check_current(state, rollout)
+            await _write(redis, state, after, action=action, actor=actor, reason=reason)
         except Conflict as exc:
             span.set_status(Status(StatusCode.ERROR, exc.message))
             raise

@@ -1,25 +1,24 @@
-"""The stable versions each model has had, oldest first: what `laneway rollback` goes back to."""
+"""The stable versions each model has had, oldest first: what `laneway rollback` goes back to.
+
+Rows are appended only with a change of the model's deployment, by the same script
+(``controlplane/deployment_writes.py``).
+"""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 
-import redis.asyncio as aioredis
-from redis.asyncio.client import Pipeline
-
-from controlplane import keys
 from controlplane.jobs import utc_now
 
 
-def push_in(pipe: Pipeline, model: str, version: str, *, reason: str) -> None:
-    """Record ``version`` as the model's newest stable, inside the caller's transaction."""
-    pipe.rpush(keys.stable_history(model),
-               json.dumps({"version": version, "at": utc_now(), "reason": reason}))
+def row(version: str, *, reason: str) -> str:
+    """One history row: ``version`` became stable now, for ``reason``."""
+    return json.dumps({"version": version, "at": utc_now(), "reason": reason})
 
 
-async def versions(redis: aioredis.Redis, model: str) -> list[str]:
-    rows = await redis.lrange(keys.stable_history(model), 0, -1)
-    return [json.loads(row)["version"] for row in rows]
+def versions_of(rows: Sequence[bytes | str]) -> list[str]:
+    return [json.loads(r)["version"] for r in rows]
 
 
 def previous_stable(history: list[str], current: str) -> str | None:
@@ -30,9 +29,7 @@ def previous_stable(history: list[str], current: str) -> str | None:
     return None
 
 
-def change_in(pipe: Pipeline, history: list[str], model: str, old: str, new: str, *,
-              reason: str) -> None:
-    """Record a stable change old → new; the first change also records ``old``."""
-    if not history:
-        push_in(pipe, model, old, reason="stable before the first recorded change")
-    push_in(pipe, model, new, reason=reason)
+def rows_for_change(history: list[str], old: str, new: str, *, reason: str) -> list[str]:
+    """The rows recording a stable change old → new; the first change also records ``old``."""
+    first = [] if history else [row(old, reason="stable before the first recorded change")]
+    return [*first, row(new, reason=reason)]

@@ -22,7 +22,7 @@ import json
 import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -46,7 +46,8 @@ EVENTS_TTL_S = 7 * 24 * 3600
 #: ARGV: transition id, expected revision ('' = create), new record, record TTL s,
 #: events TTL s, events [[kind, data, ts]], stage entries [[stream, field, value, ...]]
 #: (each gets the new record as its ``record`` field), effects [[COMMAND, arg, ...]],
-#: publish channel ('' = none), bound key ('' = none), bound.
+#: publish channel ('' = none), bound key ('' = none), bound, bound measure ('count': the
+#: key is a counter, 'xlen': a stream whose length is bounded).
 SCRIPT = """
 local record, applied, events = KEYS[1], KEYS[2], KEYS[3]
 if redis.call('SISMEMBER', applied, ARGV[1]) == 1 then
@@ -61,7 +62,9 @@ elseif string.match(current, '^{"rev":(%d+),') ~= ARGV[2] then
   return {'conflict', current}
 end
 if ARGV[10] ~= '' then
-  local count = tonumber(redis.call('GET', ARGV[10]) or '0')
+  local count
+  if ARGV[12] == 'xlen' then count = redis.call('XLEN', ARGV[10])
+  else count = tonumber(redis.call('GET', ARGV[10]) or '0') end
   if count >= tonumber(ARGV[11]) then return {'full', tostring(count)} end
 end
 local effects = cjson.decode(ARGV[8])
@@ -197,10 +200,12 @@ Plan = Callable[[Job], Change | None]
 
 @dataclass(frozen=True)
 class Bound:
-    """Refuse a new job while the counter at ``key`` is at ``limit`` or above."""
+    """Refuse a new job while the counter at ``key`` (or, with ``measure="xlen"``, the
+    length of the stream at ``key``) is at ``limit`` or above."""
 
     key: str
     limit: int
+    measure: Literal["count", "xlen"] = "count"
 
 
 @dataclass(frozen=True)
@@ -267,6 +272,7 @@ class Transitions:
             json.dumps(change.effects.commands),
             keys.JOB_DONE_CHANNEL if change.publish else "",
             bound.key if bound else "", str(bound.limit) if bound else "0",
+            bound.measure if bound else "count",
         ]
         script_keys = [keys.job(job.id), keys.job_transitions(job.id), keys.job_events(job.id)]
         async for attempt in AsyncRetrying(

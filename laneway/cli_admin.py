@@ -340,13 +340,15 @@ def rollback_cmd(
     to: Annotated[str | None, typer.Option("--to", help="Version to make stable.")] = None,
     reason: Reason = "", actor: Actor = None, as_json: AsJson = False,
 ) -> None:
-    """The on-call command: abort MODEL's rollout, or make the previous version stable."""
+    """The on-call command: abort MODEL's rollout, or make the previous version stable.
+
+    Safe to run again: with nothing left to undo it prints "already at VERSION" and
+    changes nothing (exit 0).
+    """
     with admin(actor) as client:
         result = client.call("POST", f"/v1/admin/models/{model}/rollback",
                              json={"to": to, "reason": reason})
-    emit(result, as_json, lambda r: typer.echo(
-        f"{r['model']}: stable {r['stable_after']} (was {r['stable_before']})"
-        + (f", canary {r['aborted_canary']} aborted" if r["aborted_canary"] else "")))
+    emit(result, as_json, lambda r: typer.echo(f"{r['model']}: {r['message']}"))
 
 
 def controller_cmd() -> None:

@@ -213,13 +213,17 @@ class AdminController(Controller):
     @post("/models/{model:str}/rollback", operation_id="adminRollbackModel", status_code=200)
     async def rollback(self, request: Request[Any, Any, Any], model: str, api: ApiState,
                        data: ToVersion | None = None) -> dict[str, Any]:
+        """Abort the model's rollout or go back a stable version; idempotent: with nothing
+        to undo it answers ``changed: false``, "already at VERSION", and writes nothing.
+        409 ``conflict`` when a concurrent admin or controller write got there first."""
         data = data or ToVersion()
         result = await rollback_model(
             api.redis, model, actor=actor_of(request), reason=data.reason or "on-call rollback",
             now_s=time.time(), to=data.to,
             known_versions=Registry(api.settings.registry).versions(model))
-        await api.live.reload()
-        return asdict(result)
+        if result.changed:
+            await api.live.reload()
+        return asdict(result) | {"message": result.message}
 
     @get("/models", operation_id="adminListModels")
     async def models(self, api: ApiState) -> list[dict[str, Any]]:

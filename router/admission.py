@@ -7,7 +7,10 @@ A route is full when its accepted, unfinished jobs (``keys.route_inflight``, kep
 - ``degrade``: serves the job through ``degrade_to`` (whose own bound and ``on_full`` then
   apply; a cycle of full routes refuses);
 - ``defer``: accepts a job of a deferrable tier into the deferred stream, released by
-  ``router/deferral.py`` when interactive load falls; other tiers are refused.
+  ``router/deferral.py`` when interactive load falls; other tiers are refused. The
+  deferred stream holds at most ``defer.max_depth`` jobs (:meth:`AdmissionControl.
+  deferred_bound`); beyond it a submit gets 429 ``deferred_queue_full``, its
+  ``Retry-After`` from the rate deferred jobs were released over the last minute.
 
 The bound is checked by the accept transition itself (:meth:`AdmissionControl.bound`), so
 concurrent submits never pass it together; only when it refuses does :meth:`when_full`
@@ -31,7 +34,7 @@ from enum import StrEnum
 import redis.asyncio as aioredis
 
 from controlplane import keys
-from controlplane.errors import AdmissionRefused
+from controlplane.errors import AdmissionRefused, DeferredQueueFull, FieldError
 from controlplane.policy import OnFull, Policy, Route
 from controlplane.route_counters import DRAIN_WINDOW_S
 from controlplane.transitions import Bound, Effects
@@ -86,6 +89,12 @@ class AdmissionControl:
         """The bound the accept transition checks: the route's jobs in flight."""
         return Bound(keys.route_inflight(route.name), route.admission.max_queue)
 
+    @staticmethod
+    def deferred_bound(policy: Policy) -> Bound:
+        """The bound the accept transition of a deferred job checks: the deferred queue's
+        length (cancelled jobs count until the deferral loop drops them)."""
+        return Bound(keys.deferred_stream(), policy.defer.max_depth, measure="xlen")
+
     async def when_full(self, policy: Policy, asked: Route, full: Route, *, tier: str,
                         inflight: int, seen: set[str]) -> Admitted:
         """Where a job of ``tier`` that asked for ``asked`` goes now that ``full`` refused
@@ -106,10 +115,30 @@ class AdmissionControl:
 
     async def drained(self, route: str) -> int:
         """Jobs of ``route`` that finished in the last DRAIN_WINDOW_S whole seconds."""
+        return await self._window_sum(lambda s: keys.route_drained(route, s))
+
+    async def released(self) -> int:
+        """Deferred jobs released in the last DRAIN_WINDOW_S whole seconds."""
+        return await self._window_sum(keys.deferred_released)
+
+    async def _window_sum(self, key_of: Callable[[int], str]) -> int:
         now_s = int(self.clock_s())
         counts = await self.redis.mget(
-            [keys.route_drained(route, s) for s in range(now_s - DRAIN_WINDOW_S, now_s)])
+            [key_of(s) for s in range(now_s - DRAIN_WINDOW_S, now_s)])
         return sum(int(c) for c in counts if c)
+
+    async def deferred_full(self, policy: Policy, asked: Route, *, tier: str,
+                            depth: int) -> DeferredQueueFull:
+        """The refusal of a job that would wait in a deferred queue of ``depth`` jobs."""
+        max_depth = policy.defer.max_depth
+        wait_s = retry_after_s(await self.released(), depth - max_depth + 1)
+        refused = Effects()
+        record_outcome(refused, route=asked.name, tier=tier, outcome=Outcome.rejected)
+        await refused.send(self.redis)
+        return DeferredQueueFull(
+            f"the deferred queue is full: {depth} jobs waiting, defer.max_depth "
+            f"{max_depth}; retry after {wait_s} s", retry_after_s=wait_s,
+            details=[FieldError("defer.max_depth", "deferred queue is full", max_depth)])
 
     async def _refusal(self, asked: Route, full: Route, inflight: int, *,
                        tier: str) -> AdmissionRefused:

@@ -10,7 +10,10 @@ moves deferred jobs to their engine lanes in order, keeping at most
 ``MAX_RELEASED_DEPTH`` entries waiting in the deferrable lanes so deferred work stays
 deferred if interactive load comes back. A job cancelled while deferred is dropped. A
 release is one transition, so two processes never release a job twice, and the job's
-deadline (its route's ``timeout_s``) starts at its release, not at its submission.
+deadline (its route's ``timeout_s``) starts at its release, not at its submission. Each
+release is counted per second (``keys.deferred_released``): the rate that the
+``Retry-After`` of a submit refused by ``defer.max_depth`` is computed from
+(``router/admission.py``).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from controlplane import keys
+from controlplane import keys, route_counters
 from controlplane.errors import NotFound
 from controlplane.jobs import Job, JobStore, StageStatus, now_ms
 from controlplane.leases import Lease
@@ -126,6 +129,7 @@ def released(job: Job, entry_id: bytes, policy: Policy) -> Change | None:
     with contextlib.suppress(KeyError):  # a route gone from the policy keeps no deadline
         job.deadline_ms = now_ms() + int(policy.route(job.route).timeout_s * 1000)
     change.effects.xdel(keys.deferred_stream(), entry_id)
+    route_counters.on_release(change.effects)
     change.event("queued", route=job.route, stage=0, engine=job.stages[0].engine,
                  released=True)
     return change

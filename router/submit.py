@@ -154,10 +154,14 @@ class Submitter:
                                    else keys.engine_stream(job.stages[0].engine, tier))
                 created = await self.transitions.create(
                     self._accept_change(job, asked, admitted, claim),
-                    bound=None if admitted.deferred else self.admission.bound(route))
+                    bound=self.admission.deferred_bound(policy) if admitted.deferred
+                    else self.admission.bound(route))
             if created.created:
                 return job, admitted
             assert created.full_at is not None
+            if admitted.deferred:
+                raise await self.admission.deferred_full(policy, asked, tier=tier,
+                                                         depth=created.full_at)
             admitted = await self.admission.when_full(policy, asked, route, tier=tier,
                                                       inflight=created.full_at, seen=seen)
 
