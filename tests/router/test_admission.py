@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections import Counter
+from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
 
 from controlplane import keys
-from controlplane.policy import Policy, Tenant
+from controlplane.policy import Admission, Policy, Tenant
 from controlplane.policy_loader import load_policy
+from controlplane.registry import Registry
 from controlplane.route_counters import DRAIN_WINDOW_S
 from router.admission import RETRY_AFTER_MAX_S, retry_after_s
 from router.deferral import DeferralDispatcher
 from tests.conftest import POLICIES
-from tests.router.conftest import RouterFactory
+from tests.router.conftest import RouterFactory, running_router
 
 ADMISSION_POLICY = POLICIES / "admission.yaml"
 
@@ -186,3 +190,21 @@ async def test_tenants_need_a_key_and_an_allowed_tier(
         assert other.status_code == 404
         own = await router.http.delete(f"/v1/jobs/{job_id}", headers=acme)
         assert own.status_code == 200 and own.json()["status"] == "cancelled"
+
+
+async def test_a_burst_of_concurrent_submits_never_passes_max_queue(
+        redis_url: str, tiny_registry: Registry, tmp_path: Path) -> None:
+    """Issue 12, acceptance 8: the accept checks the route's bound in its own script."""
+    sim = load_policy(POLICIES / "sim_lane.yaml")
+    route = sim.routes[0].model_copy(update={"admission": Admission(max_queue=10)})
+    policy = sim.model_copy(update={"routes": (route,)})
+    # no worker drains the lane; nobody is refused for a missing worker meanwhile
+    async with running_router(redis_url, policy, tiny_registry, tmp_path,
+                              no_engine_grace_s=3600) as router:
+        responses = await asyncio.gather(*(router.submit() for _ in range(500)))
+        codes = Counter(r.status_code for r in responses)
+        assert codes == {202: 10, 429: 490}, codes
+        assert {r.json()["error"]["code"] for r in responses if r.status_code == 429} == {
+            "queue_full"}
+        assert await router.redis.get(keys.route_inflight(route.name)) == b"10"
+        assert await router.redis.xlen(keys.engine_stream("sim-draft", "standard")) == 10
