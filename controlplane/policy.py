@@ -102,6 +102,9 @@ DIFFUSERS_KINDS = frozenset(
     {EngineKind.text2image, EngineKind.image2image, EngineKind.inpaint,
      EngineKind.latent_upscale, EngineKind.upscale}
 )
+#: engine kinds that run on a worker's own device (a GPU, or the CPU for resize); the others
+#: are remote (``http.openai_images``) or simulated (``sim``)
+DEVICE_KINDS = DIFFUSERS_KINDS | {EngineKind.resize}
 
 PositiveInt = Annotated[int, Field(gt=0)]
 

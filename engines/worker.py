@@ -29,7 +29,7 @@ from controlplane import keys
 from controlplane.artifacts import ArtifactStore
 from controlplane.jobs import Job, JobStatus, JobStore
 from controlplane.live_config import LiveConfig
-from controlplane.policy import DIFFUSERS_KINDS, EngineKind, EngineSpec, Policy
+from controlplane.policy import DEVICE_KINDS, EngineSpec, Policy
 from controlplane.pubsub import follow
 from controlplane.registry import Registry
 from engines.batching import fill_batch
@@ -42,8 +42,6 @@ log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 2.0
 HEARTBEAT_TTL_S = 30
-#: engine kinds a worker serves on its device when not told which engines to serve
-DEVICE_KINDS = DIFFUSERS_KINDS | {EngineKind.resize}
 
 
 @dataclass

@@ -18,7 +18,7 @@ import typer
 
 from controlplane.errors import LanewayError, PolicyError
 from controlplane.policy_loader import load_policy
-from laneway import cli_admin
+from laneway import cli_admin, deploy_render
 from laneway.cli_settings import current_settings, load_at_start
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
@@ -204,6 +204,55 @@ def models_make_tiny(registry: RegistryDir = None) -> None:
     root = current_settings(registry=registry).registry
     for manifest in make_tiny(Registry(root)):
         typer.echo(f"{manifest.name} {manifest.version} ({manifest.kind})")
+
+
+deploy_app = typer.Typer(help="Kubernetes manifests for a fleet.", no_args_is_help=True)
+app.add_typer(deploy_app, name="deploy")
+
+
+def _redis_address(text: str) -> str:
+    try:
+        return deploy_render.parse_address(text)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+@deploy_app.command("render")
+def deploy_render_cmd(
+    policy: Annotated[Path, typer.Option(help="Policy YAML whose engines get worker pools.")],
+    out: Annotated[Path, typer.Option(
+        help="Output folder: a kustomization over --base with the pools and the policy."
+    )] = Path("deploy/rendered"),
+    image: Annotated[str, typer.Option(help="Worker image.")] = deploy_render.DEFAULT_IMAGE,
+    redis_address: Annotated[str, typer.Option(
+        "--redis-address", callback=_redis_address,
+        help="HOST:PORT of Redis as KEDA's operator reaches it.")
+    ] = deploy_render.DEFAULT_REDIS_ADDRESS,
+    max_replicas: Annotated[int, typer.Option(
+        min=1, help="Most replicas of an autoscaled pool.")
+    ] = deploy_render.DEFAULT_MAX_REPLICAS,
+    base: Annotated[Path, typer.Option(
+        help="The base manifests the output includes.")] = Path("deploy/k8s"),
+) -> None:
+    """Write a worker Deployment and a KEDA ScaledObject per device engine of a policy."""
+    if not (base / "kustomization.yaml").is_file():
+        raise _fail(f"--base: no kustomization.yaml in {base}", EXIT_USAGE)
+    try:
+        loaded = load_policy(policy)
+        _pools, skipped = deploy_render.worker_pools(loaded)
+        files = deploy_render.render(loaded, deploy_render.RenderOptions(
+            image=image, redis_address=redis_address, max_replicas=max_replicas,
+            drain_timeout_s=current_settings().drain_timeout_s))
+    except PolicyError as exc:
+        _print_policy_errors(exc, str(policy))
+        raise typer.Exit(EXIT_REFUSED) from None
+    if skipped:
+        typer.echo(f"no pool for simulated engines (kind: sim): {', '.join(skipped)}",
+                   err=True)
+    for path in deploy_render.write(files, out_dir=out, base_dir=base,
+                                    policy_text=policy.read_text(),
+                                    policy_version=loaded.version_id):
+        typer.echo(str(path))
 
 
 def main() -> None:
