@@ -40,8 +40,8 @@ engines:
   base: {kind: diffusers.text2image, model: sdxl-base, max_concurrency: 2}
   upscaler: {kind: diffusers.latent_upscale, model: up, max_batch: 4}
   resize: {kind: resize}
-  hosted-a: {kind: http.openai_images, base_url: "http://provider.invalid/v1", model: m}
-  hosted-b: {kind: http.openai_images, base_url: "http://provider.invalid/v1", model: m}
+  hosted-a: {kind: http.openai_images, base_url: "https://provider.invalid/v1", model: m}
+  hosted-b: {kind: http.openai_images, base_url: "https://provider.invalid/v1", model: m}
   sim-gpu: {kind: sim, sim: {mean_ms: 100}}
 routes:
   - {name: local, match: {intent: final}, stages: [{engine: base}, {engine: upscaler}]}
