@@ -153,6 +153,12 @@ class EngineSpec(Strict):
     max_loaded_adapters: PositiveInt = 4
     claim_idle_ms: PositiveInt = 30_000
     max_attempts: PositiveInt = 3
+    #: device memory the engine needs loaded (weights and activations at its batch size);
+    #: counted against a worker's ``--memory-gb`` budget
+    memory_gb: float | None = Field(default=None, gt=0)
+    #: stays loaded whatever the budget asks; else unloads after ``idle_unload_s`` idle
+    keep_warm: bool = False
+    idle_unload_s: float | None = Field(default=None, gt=0)
     cost_per_device_s: float | None = Field(default=None, ge=0)
     native_size: PositiveInt | None = None
     sim: SimService | None = None

@@ -35,6 +35,7 @@ from controlplane.registry import Registry
 from engines.batching import fill_batch
 from engines.device_gate import DeviceGate
 from engines.lanes import Entry, LaneReader
+from engines.memory_budget import MemoryBudget
 from engines.stage_outcomes import Outcomes
 from engines.stage_runner import RunnerContext, Slot, StageRunner
 
@@ -56,6 +57,8 @@ class WorkerOptions:
     redis_url: str | None = None  # for remote engines' circuit breakers
     #: stages at once on this device across engines (None: the policy's ``devices``)
     max_stages: int | None = None
+    #: device memory for loaded engines (None: unlimited; see ``device_memory_gb``)
+    memory_gb: float | None = None
 
 
 class Worker:
@@ -73,6 +76,9 @@ class Worker:
                           executor=self._executor, redis_url=options.redis_url))
         self._slots: dict[str, list[Slot]] = {}
         self.gate = DeviceGate(self._max_stages)
+        self.memory = MemoryBudget(options.memory_gb, self._unload_engine)
+        #: engines whose memory_gb exceeds the device's budget (logged once, never served)
+        self._refused: set[str] = set()
         #: entries taken by slots that wait for the device (the heartbeat keeps them claimed)
         self._waiting: dict[bytes, Entry] = {}
         self._slot_tasks: list[asyncio.Task[None]] = []
@@ -98,6 +104,7 @@ class Worker:
                     await asyncio.wait_for(self._stopping.wait(), timeout=1.0)
                 self._reconcile_slots()
                 await self.gate.recheck()
+                await self.memory.unload_idle()
             await self._drain()
         finally:
             self._helpers_stop.set()
@@ -139,6 +146,13 @@ class Worker:
     def _reconcile_slots(self) -> None:
         """Start slot loops for the engines (and caps) the policy in force gives this worker."""
         for engine, spec in self._served(self.live.snapshot.policy).items():
+            if not self.memory.fits(spec):
+                if engine not in self._refused:
+                    self._refused.add(engine)
+                    log.error("engine %s needs memory_gb %s, more than this device's budget "
+                              "of %s GB: not served here", engine, spec.memory_gb,
+                              self.memory.total_gb)
+                continue
             slots = self._slots.setdefault(engine, [])
             while len(slots) < spec.max_concurrency:
                 slot = Slot(engine, len(slots))
@@ -168,7 +182,8 @@ class Worker:
     async def _run_on_device(self, slot: Slot, entries: list[Entry]) -> None:
         self._waiting.update((e.entry_id, e) for e in entries)
         try:
-            async with self.gate.stage():
+            spec = self.live.snapshot.policy.engines[slot.engine]
+            async with self.gate.stage(), self.memory.use(slot.engine, spec):
                 for entry in entries:
                     self._waiting.pop(entry.entry_id, None)
                 slot.busy = True
@@ -179,6 +194,13 @@ class Worker:
         finally:
             for entry in entries:
                 self._waiting.pop(entry.entry_id, None)
+
+    def _unload_engine(self, engine: str) -> None:
+        """Free every slot's pipelines of ``engine`` (none of them is running)."""
+        for slot in self._slots.get(engine, []):
+            for loaded in slot.engines.values():
+                loaded.close()
+            slot.engines.clear()
 
     def _max_stages(self) -> int | None:
         return (self.options.max_stages
@@ -252,6 +274,7 @@ class Worker:
                 "slots": json.dumps(slots), "heartbeat_at": f"{time.time():.3f}",
                 "stages": json.dumps({"running": self.gate.running,
                                       "allowed": self.gate.allowed}),
+                "memory": json.dumps(self.memory.snapshot()),
             })
             pipe.expire(keys.worker_heartbeat(self.name), HEARTBEAT_TTL_S)
             pipe.sadd(keys.workers(), self.name)

@@ -92,6 +92,10 @@ def worker(
     max_stages: Annotated[int | None, typer.Option(
         min=1, help="Stages at once on this device across its engines (default: the "
                     "policy's devices.max_concurrent_stages, else no device cap).")] = None,
+    memory_gb: Annotated[float | None, typer.Option(
+        min=0.1, help="Device memory for loaded engines (their memory_gb); the least "
+                      "recently used idle engine is unloaded to make room (default: the "
+                      "GPU's total memory on CUDA, unlimited on CPU).")] = None,
     redis_url: RedisUrl = None,
     registry: RegistryDir = None,
 ) -> None:
@@ -102,7 +106,8 @@ def worker(
     if not settings.redis_url:
         raise _fail("laneway worker needs --redis-url or LANEWAY_REDIS_URL", EXIT_USAGE)
     names = frozenset(n.strip() for n in engines.split(",") if n.strip()) if engines else None
-    run_worker(settings, device=settings.device, engines=names, max_stages=max_stages)
+    run_worker(settings, device=settings.device, engines=names, max_stages=max_stages,
+               memory_gb=memory_gb)
 
 
 @app.command()

@@ -12,6 +12,7 @@ canary analysis reads are served for the versions the deployments name (stable, 
 
 from __future__ import annotations
 
+import json
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping
@@ -168,10 +169,30 @@ async def collect(redis: aioredis.Redis, policy: Policy, *,
     heartbeat = GaugeMetricFamily("laneway_worker_heartbeat_age_seconds",
                                   "Seconds since the worker's last heartbeat",
                                   labels=["worker", "device"])
+    memory_used = GaugeMetricFamily("laneway_worker_memory_used_gb",
+                                    "Device memory of the engines a worker holds loaded",
+                                    labels=["worker", "device"])
+    memory_total = GaugeMetricFamily("laneway_worker_memory_budget_gb",
+                                     "A worker's device memory budget (absent: unlimited)",
+                                     labels=["worker", "device"])
+    loaded = GaugeMetricFamily("laneway_worker_engine_loaded",
+                               "1 for each engine a worker holds loaded",
+                               labels=["worker", "device", "engine"])
+    unloads = CounterMetricFamily("laneway_worker_engine_unloads",
+                                  "Engines unloaded for memory or idleness, since the "
+                                  "worker started", labels=["worker", "device", "engine"])
     engine_slots = dict.fromkeys(policy.engines, 0)
     for worker in await live_workers(redis, now_s=now_s):
         name, device = worker.get("name", ""), worker.get("device", "")
         heartbeat.add_metric([name, device], now_s - float(worker.get("heartbeat_at", 0)))
+        memory = json.loads(worker.get("memory") or "{}")
+        memory_used.add_metric([name, device], float(memory.get("used_gb", 0)))
+        if memory.get("total_gb") is not None:
+            memory_total.add_metric([name, device], float(memory["total_gb"]))
+        for engine in memory.get("loaded", []):
+            loaded.add_metric([name, device, engine], 1)
+        for engine, n in memory.get("unloads", {}).items():
+            unloads.add_metric([name, device, engine], n)
         for engine, slots in worker_slots(worker).items():
             busy.add_metric([name, device, engine], slots["busy"])
             total.add_metric([name, device, engine], slots["total"])
@@ -184,7 +205,8 @@ async def collect(redis: aioredis.Redis, policy: Policy, *,
 
     return [
         depth, age, deferred, deferred_age, route_inflight, dead_letter, busy, total,
-        heartbeat, live_slots, *stage_histograms(histograms),
+        heartbeat, live_slots, memory_used, memory_total, loaded, unloads,
+        *stage_histograms(histograms),
         *version_counters(versions, version_rows), *rollout_gauges(rollouts),
         _counter("laneway_admission", "Admission decisions per requested route and tier",
                  ["route", "tier", "outcome"], admission),

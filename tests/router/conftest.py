@@ -76,12 +76,13 @@ class Router:
         return await self.http.post("/v1/images", json={"prompt": "a lighthouse", **body},
                                     headers=headers or {})
 
-    async def start_worker(self, *engines: str) -> Worker:
+    async def start_worker(self, *engines: str, **options: Any) -> Worker:
+        """An in-process worker for ``engines``; ``options`` are more WorkerOptions."""
         redis = aioredis.Redis.from_url(self.settings.redis_url or "")
         worker = Worker(redis, WorkerOptions(
             name=f"test/cpu/{len(self.workers)}", device="cpu", registry=self.registry,
             artifacts=ArtifactStore(self.settings.artifacts), job_ttl_s=3600,
-            engines=frozenset(engines)))
+            engines=frozenset(engines), **options))
         self.workers.append((worker, asyncio.create_task(worker.run()), redis))
         return worker
 
