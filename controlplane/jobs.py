@@ -201,6 +201,17 @@ class JobStore:
             raise NotFound(f"job {job_id!r} does not exist", details=[])
         return Job.model_validate_json(raw)
 
+    async def recent(self, *, limit_n: int) -> list[Job]:
+        """The newest ``limit_n`` accepted jobs, newest first (``lw:recent-jobs``, written
+        by the accept transition); jobs whose records have expired are left out."""
+        entries: list[tuple[bytes, dict[bytes, bytes]]] = await self.redis.xrevrange(
+            keys.recent_jobs(), count=limit_n)  # type: ignore[assignment]
+        if not entries:
+            return []
+        rows = await self.redis.mget([keys.job(fields[b"job"].decode())
+                                      for _id, fields in entries])
+        return [Job.model_validate_json(raw) for raw in rows if raw is not None]
+
 
 @dataclass(frozen=True)
 class Event:

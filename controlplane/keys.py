@@ -130,6 +130,11 @@ def admission_outcomes() -> str:
     return f"{PREFIX}:metrics:admission"
 
 
+def recent_jobs() -> str:
+    """Stream of accepted job ids, newest last, capped (``MAXLEN ~``) at submit."""
+    return f"{PREFIX}:recent-jobs"
+
+
 def deferred_stream() -> str:
     """Accepted deferrable jobs waiting for interactive load to fall (entries name the job)."""
     return f"{PREFIX}:deferred"

@@ -1,4 +1,5 @@
-"""Admin endpoints (CONTRACT.md): policy, rollouts, model rollback and registry, audit.
+"""Admin endpoints (CONTRACT.md): policy, rollouts, model rollback and registry, audit,
+and the recent jobs of every tenant (the on-call console's list).
 
 Every handler is behind ``admin_guard``: no ``Authorization: Bearer`` header → 401, a wrong
 token or an API without ``LANEWAY_ADMIN_TOKEN`` → 403. The actor recorded in the audit
@@ -15,10 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from litestar import Controller, Request, get, post
+from litestar import Controller, Request, Response, get, post
 from litestar.connection import ASGIConnection
 from litestar.di import Provide
 from litestar.handlers import BaseRouteHandler
+from litestar.response import File
 from pydantic import BaseModel, ConfigDict, Field
 
 from controlplane import audit
@@ -40,9 +42,11 @@ from controlplane.rollouts import (
     apply_transition,
     start_rollout,
 )
-from router.api import ApiState, provide_api
+from router.api import ApiState, image_response, provide_api
 
 TOKEN_NAME = "admin"
+#: the most jobs one ``GET /v1/admin/jobs`` returns
+MAX_RECENT_JOBS = 200
 ACTOR_HEADER = "x-laneway-actor"
 
 
@@ -257,6 +261,23 @@ class AdminController(Controller):
             actor_of(request), "models.register", data.name, data.reason,
             version=data.version, path=data.path))
         return manifest
+
+    # -- jobs --------------------------------------------------------------------------
+
+    @get("/jobs", operation_id="adminRecentJobs")
+    async def recent_jobs(self, api: ApiState, limit: int = 20) -> list[dict[str, Any]]:
+        """The newest accepted jobs of every tenant, newest first, with prompt and tenant."""
+        if not 1 <= limit <= MAX_RECENT_JOBS:
+            raise ValidationFailed.of("limit", f"must be 1..{MAX_RECENT_JOBS}", limit)
+        return [job.public() | {"prompt": job.request.prompt, "tenant": job.request.tenant}
+                for job in await api.jobs.recent(limit_n=limit)]
+
+    @get("/jobs/{job_id:str}/images/{index:int}", operation_id="adminJobImage",
+         media_type="image/png")
+    async def job_image(self, job_id: str, index: int, api: ApiState,
+                        format: str = "png") -> Response[bytes] | File:
+        """A job's image for the admin, whatever its tenant (the console's thumbnails)."""
+        return await image_response(api, await api.jobs.get(job_id), index, format)
 
     # -- audit -------------------------------------------------------------------------
 

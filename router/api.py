@@ -78,6 +78,22 @@ async def _visible_job(api: ApiState, job_id: str, authorization: str | None) ->
     return job
 
 
+async def image_response(api: ApiState, job: Job, index: int,
+                         format: str) -> Response[bytes] | File:
+    """Image ``index`` of ``job``: the stored PNG, or re-encoded as webp or jpeg."""
+    if not 0 <= index < len(job.images):
+        raise NotFound(f"job {job.id} has no image {index} (it has {len(job.images)})")
+    path = api.artifacts.final_path(job.id, index)
+    if format == "png":
+        return File(path, media_type="image/png", content_disposition_type="inline")
+    if format not in {"webp", "jpeg"}:
+        raise ValidationFailed.of("format", "must be png, webp or jpeg", format)
+    buffer = io.BytesIO()
+    image = await asyncio.to_thread(api.artifacts.load, path)
+    image.convert("RGB").save(buffer, format=format.upper())
+    return Response(buffer.getvalue(), media_type=f"image/{format}")
+
+
 class JobsController(Controller):
     path = "/v1"
     dependencies = {"api": Provide(provide_api, sync_to_thread=False)}
@@ -147,17 +163,7 @@ class JobsController(Controller):
         """The image, PNG by default, with its provenance as JSON in its ``laneway`` text
         chunk (job, prompt, seed, model versions, policy version, route)."""
         job = await _visible_job(api, job_id, authorization)
-        if not 0 <= index < len(job.images):
-            raise NotFound(f"job {job_id} has no image {index} (it has {len(job.images)})")
-        path = api.artifacts.final_path(job_id, index)
-        if format == "png":
-            return File(path, media_type="image/png", content_disposition_type="inline")
-        if format not in {"webp", "jpeg"}:
-            raise ValidationFailed.of("format", "must be png, webp or jpeg", format)
-        buffer = io.BytesIO()
-        image = await asyncio.to_thread(api.artifacts.load, path)
-        image.convert("RGB").save(buffer, format=format.upper())
-        return Response(buffer.getvalue(), media_type=f"image/{format}")
+        return await image_response(api, job, index, format)
 
 
 class SystemController(Controller):

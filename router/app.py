@@ -21,6 +21,7 @@ from controlplane.telemetry import setup_tracing, shutdown_tracing
 from router import http_errors
 from router.admin_api import AdminController
 from router.api import ApiState, JobsController, SystemController
+from router.console import ConsoleController
 from router.deferral import DeferralDispatcher
 from router.engine_liveness import EngineLiveness
 from router.event_fanout import EventFanout
@@ -90,7 +91,7 @@ def create_app(settings: Settings, *, secrets: Mapping[str, str],
 
     return Litestar(
         route_handlers=[JobsController, SystemController, AdminController,
-                        OpenAIImagesController],
+                        OpenAIImagesController, ConsoleController],
         lifespan=[lifespan],
         dependencies={},
         state=state.as_litestar_state(),

@@ -45,6 +45,8 @@ _tracer = tracer("laneway.router")
 
 #: engine kinds that apply a request's LoRA adapter
 LORA_KINDS = frozenset({EngineKind.text2image, EngineKind.image2image, EngineKind.inpaint})
+#: accepted job ids kept in ``lw:recent-jobs`` for the console (approximately: MAXLEN ~)
+RECENT_JOBS_KEPT = 1000
 
 
 def new_job_id() -> str:
@@ -203,6 +205,8 @@ class Submitter:
         change.event(kind, route=job.route, stage=0, engine=job.stages[0].engine,
                      degraded_from=job.degraded_from)
         route_counters.on_accept(change.effects, job.route)
+        # O(1) per submit; the console's recent jobs list reads it (GET /v1/admin/jobs)
+        change.effects.xadd(keys.recent_jobs(), {"job": job.id}, maxlen=RECENT_JOBS_KEPT)
         record_outcome(change.effects, route=asked.name, tier=job.request.tier,
                        outcome=admitted.outcome)
         if claim is not None:
