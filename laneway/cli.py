@@ -64,6 +64,9 @@ def serve(
         "--no-workers", help="Run the API only; workers run elsewhere.")] = False,
     watch: Annotated[bool, typer.Option(
         help="Re-apply the policy file whenever it changes.")] = False,
+    api_workers: Annotated[int, typer.Option(
+        min=1, help="API processes on the port, sharing all state through Redis (default "
+                    "1: on one machine the cores are the workers').")] = 1,
     registry: RegistryDir = None,
 ) -> None:
     """Run the service: bundled server (unless --redis-url), API and a local worker."""
@@ -75,7 +78,7 @@ def serve(
     policy_path = policy or packaged_policy(DEFAULT_POLICY)
     try:
         run_serve(settings, ServeOptions(policy_path=policy_path, workers=not no_workers,
-                                         watch=watch))
+                                         watch=watch, api_workers=api_workers))
     except PolicyError as exc:
         _print_policy_errors(exc, str(policy_path))
         raise typer.Exit(EXIT_REFUSED) from None

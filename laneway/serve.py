@@ -17,6 +17,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import redis.asyncio as aioredis
 import uvicorn
@@ -28,6 +29,7 @@ from controlplane.policy_loader import load_policy
 from controlplane.registry import Registry
 from controlplane.settings import Settings
 from laneway.admin_token import ensure_token, token_path
+from laneway.api_process import problems_path
 from laneway.embedded_redis import EmbeddedRedis
 from laneway.supervisor import Supervisor
 
@@ -39,6 +41,8 @@ class ServeOptions:
     policy_path: Path
     workers: bool = True
     watch: bool = False
+    #: API processes on the port (1: the API runs in this process)
+    api_workers: int = 1
 
 
 def ensure_models(policy: Policy, registry: Registry) -> None:
@@ -86,6 +90,24 @@ def child_commands(settings: Settings, policy: Policy) -> list[list[str]]:
     return commands
 
 
+def run_api(settings: Settings, api_workers: int, supervisor: Supervisor) -> None:
+    """The API: in this process, or ``api_workers`` processes on one port that build it
+    from the environment (``laneway/api_process.py``)."""
+    uvicorn_options: dict[str, Any] = {"host": settings.host, "port": settings.port,
+                                       "log_level": "warning", "access_log": False}
+    if api_workers == 1:
+        from router.app import create_app
+
+        # tenants' keys: the variables the policy names, read from this environment
+        app = create_app(settings, secrets=os.environ, host_problems=supervisor.problems)
+        uvicorn.run(app, **uvicorn_options)
+        return
+    problems_path(settings).unlink(missing_ok=True)
+    os.environ.update(settings.as_environ())  # the bundled server's URL, the admin token
+    uvicorn.run("laneway.api_process:app", factory=True, workers=api_workers,
+                **uvicorn_options)
+
+
 class _StopRequested(Exception):
     """Raised by our SIGTERM handler, which uvicorn calls again after its own shutdown."""
 
@@ -122,7 +144,9 @@ def _serve(settings: Settings, options: ServeOptions) -> None:
             settings = settings.model_copy(update={"admin_token": token})
     assert settings.redis_url
     # children never see the admin token: only the API checks it
-    supervisor = Supervisor(settings.model_copy(update={"admin_token": None}), embedded)
+    supervisor = Supervisor(settings.model_copy(update={"admin_token": None}), embedded,
+                            problems_file=problems_path(settings)
+                            if options.api_workers > 1 else None)
     try:
         asyncio.run(publish_policy(settings.redis_url, policy, registry, remote=remote))
         commands = child_commands(settings, policy) if options.workers else []
@@ -130,13 +154,9 @@ def _serve(settings: Settings, options: ServeOptions) -> None:
             commands.append(["policy", "watch", str(options.policy_path),
                              "--registry", str(settings.registry)])
         supervisor.start(commands)
-        from router.app import create_app
-
-        log.info("API on http://%s:%d (policy %s)", settings.host, settings.port,
-                 policy.version_id[:19])
-        # tenants' keys: the variables the policy names, read from this process's environment
-        app = create_app(settings, secrets=os.environ, host_problems=supervisor.problems)
-        uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning",
-                    access_log=False)
+        log.info("API on http://%s:%d (policy %s, %d process%s)", settings.host,
+                 settings.port, policy.version_id[:19], options.api_workers,
+                 "es" if options.api_workers > 1 else "")
+        run_api(settings, options.api_workers, supervisor)
     finally:
         supervisor.stop()  # children drain, then the bundled server stops

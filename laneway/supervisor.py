@@ -19,6 +19,7 @@ parent-death signal (``die_with_parent``) to the thread that started it.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -29,6 +30,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from controlplane.settings import Settings, child_environ
 from laneway.child_process import die_with_parent, stop_process
@@ -91,9 +93,14 @@ class _Child:
 
 class Supervisor:
     def __init__(self, settings: Settings, embedded: EmbeddedRedis | None, *,
-                 drain_s: float = DRAIN_S, clock: Callable[[], float] = time.monotonic) -> None:
+                 drain_s: float = DRAIN_S, clock: Callable[[], float] = time.monotonic,
+                 problems_file: Path | None = None) -> None:
+        """``problems_file``: where to write :meth:`problems` as JSON when they change, for
+        API processes that do not share this one's memory (``--api-workers``)."""
         self.settings = settings
         self.embedded = embedded
+        self.problems_file = problems_file
+        self._written: list[str] | None = None
         self.drain_s = drain_s
         self._clock = clock
         self._children: list[_Child] = []
@@ -147,6 +154,7 @@ class Supervisor:
         try:
             while self._start_error is None and not self._stop.wait(CHECK_S):
                 self._check()
+                self._write_problems()
         finally:
             self._shutdown()
 
@@ -168,6 +176,15 @@ class Supervisor:
             except (OSError, EmbeddedServerError) as exc:
                 log.error("%s did not start: %s", watched.name, exc)
                 watched.died(self._clock())
+
+    def _write_problems(self) -> None:
+        problems = self.problems()
+        if self.problems_file is None or problems == self._written:
+            return
+        tmp = self.problems_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(problems))
+        tmp.replace(self.problems_file)  # readers never see half a file
+        self._written = problems
 
     def _restart_embedded(self) -> None:
         assert self.embedded is not None
