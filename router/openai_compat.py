@@ -27,7 +27,7 @@ from litestar.exceptions import HTTPException, ValidationException
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic import ValidationError as PydanticValidationError
 
-from controlplane.errors import LanewayError, ValidationFailed
+from controlplane.errors import LanewayError, ValidationFailed, shown
 from controlplane.jobs import Job, JobStatus
 from controlplane.policy import Intent
 from router.api import ApiState, AuthorizationHeader, provide_api
@@ -89,7 +89,7 @@ def parse_size(size: str) -> tuple[int, int]:
     match = _SIZE.match(size)
     if match is None:
         raise OpenAIError(400, f"size: expected 'WIDTHxHEIGHT' such as '512x512' "
-                               f"(got {size!r})", param="size", code="invalid_size")
+                               f"(got {shown(size)})", param="size", code="invalid_size")
     return int(match.group(1)), int(match.group(2))
 
 
@@ -99,8 +99,8 @@ def parse_body(raw: Any) -> ImagesGeneration:
     except PydanticValidationError as exc:
         first = exc.errors()[0]
         param = ".".join(str(p) for p in first["loc"]) or None
-        shown = f" (got {first['input']!r})" if first["type"] != "missing" else ""
-        raise OpenAIError(400, f"{param}: {first['msg']}{shown}", param=param,
+        got = f" (got {shown(first['input'])})" if first["type"] != "missing" else ""
+        raise OpenAIError(400, f"{param}: {first['msg']}{got}", param=param,
                           code=first["type"]) from None
 
 
@@ -179,7 +179,7 @@ class OpenAIImagesController(Controller):
         if body.model is not None:
             alias = policy.aliases.get(body.model)
             if alias is None:
-                raise OpenAIError(404, f"model: {body.model!r} does not exist (known: "
+                raise OpenAIError(404, f"model: {shown(body.model)} does not exist (known: "
                                        f"{', '.join(sorted(policy.aliases)) or 'none'})",
                                   param="model", code="model_not_found")
             intent, route_name = alias.intent or Intent.auto, alias.route

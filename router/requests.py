@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from controlplane.errors import FieldError, ValidationFailed
+from controlplane.errors import FieldError, ValidationFailed, shown
 from controlplane.policy import Intent, Mode, Policy
 
 _QUOTED = re.compile(r'"([^"]+)"|“([^”]+)”')
@@ -88,7 +88,8 @@ def check_against_policy(req: ImageRequest, policy: Policy) -> list[FieldError]:
 def raise_if_any(errors: list[FieldError]) -> None:
     if errors:
         summary = "; ".join(
-            f"{e.field}: {e.message}" + (f" (got {e.value!r})" if e.value is not None else "")
+            f"{e.field}: {e.message}" + (f" (got {shown(e.value)})" if e.value is not None
+                                         else "")
             for e in errors
         )
         raise ValidationFailed(summary, details=errors)
