@@ -24,7 +24,7 @@ from controlplane.live_config import LiveConfig
 from controlplane.settings import Settings
 from router.cancel import cancel_job
 from router.engine_liveness import EngineLiveness
-from router.job_events import job_event_messages
+from router.job_events import check_last_event_id, job_event_messages
 from router.metrics import render_metrics
 from router.requests import ImageRequest
 from router.status import status_body
@@ -122,6 +122,7 @@ class JobsController(Controller):
             str | None, Parameter(header="Last-Event-ID", required=False)] = None,
                      authorization: AuthorizationHeader = None) -> ServerSentEvent:
         """The job's events as Server-Sent Events: its state first, then its history, live."""
+        check_last_event_id(last_event_id)
         await _visible_job(api, job_id, authorization)
         messages: AsyncIterator[ServerSentEventMessage] = await job_event_messages(
             api.blocking_redis, api.jobs, job_id, last_event_id=last_event_id)

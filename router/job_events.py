@@ -12,6 +12,7 @@ regenerated after a failed verification goes on, so its stream continues.
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -20,6 +21,7 @@ import redis.asyncio as aioredis
 from litestar.response import ServerSentEventMessage
 
 from controlplane import keys
+from controlplane.errors import ClientError, FieldError
 from controlplane.jobs import JobStore
 
 FINAL_EVENTS = frozenset({"completed", "failed", "cancelled"})
@@ -28,6 +30,21 @@ READ_BLOCK_MS = 2000
 VERIFIED_WAIT_S = 120.0
 #: an idle stream gets a comment this often, so proxies keep the connection open
 KEEPALIVE_COMMENT = "keep-alive"
+#: a stream entry id, as the events' SSE ids are: milliseconds and a sequence number
+_STREAM_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
+_MAX_ID_PART = 2**64 - 1
+
+
+def check_last_event_id(value: str | None) -> None:
+    """400 naming the header unless ``value`` is absent, empty or a stream entry id such
+    as ``1712345678901-0`` (what Redis would refuse mid-stream)."""
+    if not value:
+        return
+    if _STREAM_ID.fullmatch(value) is None or any(
+            int(part) > _MAX_ID_PART for part in value.split("-")):
+        reason = "must be an event id this stream sent, such as 1712345678901-0"
+        raise ClientError(f"Last-Event-ID: {reason}",
+                          details=[FieldError("Last-Event-ID", reason, value)])
 
 
 async def job_event_messages(redis: aioredis.Redis, jobs: JobStore, job_id: str, *,
