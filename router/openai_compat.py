@@ -30,7 +30,7 @@ from pydantic import ValidationError as PydanticValidationError
 from controlplane.errors import LanewayError, ValidationFailed, shown
 from controlplane.jobs import Job, JobStatus
 from controlplane.policy import Intent
-from router.api import ApiState, AuthorizationHeader, provide_api
+from router.api import ApiState, AuthorizationHeader, provide_api, refuse_large_body
 from router.http_errors import (
     INTERNAL_ERROR_MESSAGE,
     REDIS_RETRY_AFTER_S,
@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 _SIZE = re.compile(r"^([1-9][0-9]{0,5})x([1-9][0-9]{0,5})$")
 #: Laneway request fields and the OpenAI parameter they come from
-_PARAM_OF_FIELD = {"width": "size", "height": "size"}
+_PARAM_OF_FIELD = {"width": "size", "height": "size", "metadata": "user"}
 _TYPE_OF_STATUS = {401: "authentication_error", 403: "permission_error",
                    404: "invalid_request_error", 429: "rate_limit_error"}
 
@@ -167,7 +167,7 @@ class OpenAIImagesController(Controller):
         Exception: _unexpected_error,
     }
 
-    @post("/", operation_id="createImage", status_code=200)
+    @post("/", operation_id="createImage", status_code=200, before_request=refuse_large_body)
     async def create(self, request: Request[Any, Any, Any], data: dict[str, Any],
                      api: ApiState, authorization: AuthorizationHeader = None
                      ) -> Response[dict[str, Any]]:
