@@ -30,13 +30,35 @@
 
 from __future__ import annotations
 
+import reprlib
 from dataclasses import dataclass
 from typing import Any
+
+#: how much of a bad value an error shows: a refusal never echoes a huge payload back
+MAX_SHOWN_CHARS = 80
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = _SHORT.maxother = MAX_SHOWN_CHARS
+_SHORT.maxlist = _SHORT.maxtuple = _SHORT.maxdict = _SHORT.maxset = 8
+_SHORT.maxlevel = 3
+
+
+def shown(value: Any) -> str:
+    """``repr(value)``, cut short (``'aaa...aaa'``) when it would be long; never quadratic."""
+    return _SHORT.repr(value)
+
+
+def _bounded(value: Any) -> Any:
+    """``value`` itself when it is a short scalar, else its shortened repr."""
+    if isinstance(value, bool | int | float) or (
+            isinstance(value, str) and len(value) <= MAX_SHOWN_CHARS):
+        return value
+    return shown(value)
 
 
 @dataclass(frozen=True)
 class FieldError:
-    """One reason a field was refused: where it is, what was wrong, the bad value."""
+    """One reason a field was refused: where it is, what was wrong, the bad value (shown
+    cut short when long)."""
 
     field: str
     message: str
@@ -45,7 +67,7 @@ class FieldError:
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"field": self.field, "message": self.message}
         if self.value is not None:
-            out["value"] = self.value
+            out["value"] = _bounded(self.value)
         return out
 
 
@@ -84,8 +106,8 @@ class ValidationFailed(ClientError):
 
     @classmethod
     def of(cls, field: str, message: str, value: Any = None) -> ValidationFailed:
-        shown = f" (got {value!r})" if value is not None else ""
-        return cls(f"{field}: {message}{shown}", details=[FieldError(field, message, value)])
+        got = f" (got {shown(value)})" if value is not None else ""
+        return cls(f"{field}: {message}{got}", details=[FieldError(field, message, value)])
 
 
 class IdempotencyMismatch(ValidationFailed):

@@ -109,13 +109,43 @@ DEVICE_KINDS = DIFFUSERS_KINDS | {EngineKind.resize}
 PositiveInt = Annotated[int, Field(gt=0)]
 
 
+#: the largest request body the API reads at all (Litestar's ``request_max_body_size``)
+MAX_BODY_BYTES_CEILING = 64 * 1024 * 1024
+#: room in a request body for everything but its ``image`` and ``mask``
+BODY_ALLOWANCE_BYTES = 1024 * 1024
+
+
 class Limits(Strict):
+    """Bounds on a submitted request, checked before anything of it is stored."""
+
     max_pixels: PositiveInt = 1024 * 1024
     max_n: PositiveInt = 4
+    #: characters of ``prompt``, and of ``negative_prompt``
     max_prompt_chars: PositiveInt = 2000
+    #: phrases in ``text``, and characters in each phrase
+    max_text_phrases: PositiveInt = 8
+    max_text_chars: PositiveInt = 200
+    #: ``metadata``: its size as compact JSON (UTF-8), how deep its objects and lists nest
+    #: (``{"a": 1}`` is 1 deep) and its keys counted at every depth
+    max_metadata_bytes: PositiveInt = 4 * 1024
+    max_metadata_depth: PositiveInt = 4
+    max_metadata_keys: PositiveInt = 64
+    #: each decoded ``image`` and ``mask``
     max_image_bytes: PositiveInt = 16 * 1024 * 1024
+    #: the whole request body; unset: room for ``image`` and ``mask`` in base64 plus
+    #: ``BODY_ALLOWANCE_BYTES`` (see :attr:`body_limit_bytes`)
+    max_body_bytes: int | None = Field(default=None, gt=0, le=MAX_BODY_BYTES_CEILING)
     default_width: PositiveInt = 1024
     default_height: PositiveInt = 1024
+
+    @property
+    def body_limit_bytes(self) -> int:
+        """The largest request body accepted: ``max_body_bytes``, else two base64 images of
+        ``max_image_bytes`` plus 1 MiB, at most ``MAX_BODY_BYTES_CEILING``."""
+        if self.max_body_bytes is not None:
+            return self.max_body_bytes
+        base64_bytes = -(-self.max_image_bytes // 3) * 4
+        return min(2 * base64_bytes + BODY_ALLOWANCE_BYTES, MAX_BODY_BYTES_CEILING)
 
 
 class Tier(Strict):

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 import redis.asyncio as aioredis
-from litestar import Controller, Response, delete, get, post
+from litestar import Controller, Request, Response, delete, get, post
 from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.enums import MediaType
@@ -18,14 +18,14 @@ from litestar.response import File, ServerSentEvent, ServerSentEventMessage
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from controlplane.artifacts import ArtifactStore
-from controlplane.errors import Forbidden, NotFound, ValidationFailed
+from controlplane.errors import FieldError, Forbidden, NotFound, PayloadTooLarge, ValidationFailed
 from controlplane.jobs import Job, JobStore
 from controlplane.live_config import LiveConfig
 from controlplane.settings import Settings
 from router.cancel import cancel_job
 from router.engine_liveness import EngineLiveness
 from router.event_fanout import EventFanout
-from router.job_events import event_messages
+from router.job_events import check_last_event_id, event_messages
 from router.metrics import render_metrics
 from router.requests import ImageRequest
 from router.status import status_body
@@ -63,6 +63,19 @@ def provide_api(state: State) -> ApiState:
     return api
 
 
+async def refuse_large_body(request: Request[Any, Any, Any]) -> None:
+    """413 when a submit's body is larger than the policy's ``limits.body_limit_bytes``,
+    before it is parsed: by its ``Content-Length`` without reading it, else by its length
+    once read (Litestar stops reading at ``MAX_BODY_BYTES_CEILING``)."""
+    limit = provide_api(request.app.state).live.snapshot.policy.limits.body_limit_bytes
+    size = request.content_length
+    if size is None:
+        size = len(await request.body())  # kept by the request for the handler's ``data``
+    if size > limit:
+        reason = f"is {size} bytes; the limit is {limit} (limits.max_body_bytes)"
+        raise PayloadTooLarge(f"request body {reason}", details=[FieldError("body", reason)])
+
+
 def _job_response(job: Job, *, status_code: int = 200) -> Response[dict[str, Any]]:
     return Response(job.public(), status_code=status_code)
 
@@ -98,7 +111,8 @@ class JobsController(Controller):
     path = "/v1"
     dependencies = {"api": Provide(provide_api, sync_to_thread=False)}
 
-    @post("/images", operation_id="submitImage", status_code=202)
+    @post("/images", operation_id="submitImage", status_code=202,
+          before_request=refuse_large_body)
     async def submit(
         self, data: ImageRequest, api: ApiState, authorization: AuthorizationHeader = None,
         idempotency_key: Annotated[str | None, Parameter(
@@ -141,9 +155,11 @@ class JobsController(Controller):
                      authorization: AuthorizationHeader = None) -> ServerSentEvent:
         """The job's events as Server-Sent Events: its state first, then its history, live.
 
-        429 ``too_many_streams`` (Retry-After) when this process has
-        ``sse_max_streams`` open, or the caller's tenant ``sse_max_streams_per_tenant``.
+        400 for a malformed ``Last-Event-ID``; 429 ``too_many_streams`` (Retry-After) when
+        this process has ``sse_max_streams`` open, or the caller's tenant
+        ``sse_max_streams_per_tenant``.
         """
+        check_last_event_id(last_event_id)
         job = await _visible_job(api, job_id, authorization)
         tenant = job.request.tenant if api.live.snapshot.policy.tenants else None
         messages: AsyncIterator[ServerSentEventMessage] = event_messages(

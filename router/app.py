@@ -15,6 +15,7 @@ from controlplane.artifacts import ArtifactStore
 from controlplane.errors import LanewayError
 from controlplane.jobs import JobStore
 from controlplane.live_config import LiveConfig
+from controlplane.policy import MAX_BODY_BYTES_CEILING
 from controlplane.registry import Registry
 from controlplane.settings import Settings
 from controlplane.telemetry import setup_tracing, shutdown_tracing
@@ -105,5 +106,5 @@ def create_app(settings: Settings, *, secrets: Mapping[str, str],
         plugins=[OpenTelemetryPlugin(OpenTelemetryConfig(exclude=["/healthz", "/readyz",
                                                                    "/metrics"]))],
         openapi_config=OpenAPIConfig(title="Laneway", version="0.1.0", path="/schema"),
-        request_max_body_size=64 * 1024 * 1024,
+        request_max_body_size=MAX_BODY_BYTES_CEILING,
     )

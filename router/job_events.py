@@ -28,7 +28,7 @@ import redis.asyncio as aioredis
 from litestar.response import ServerSentEventMessage
 
 from controlplane import keys
-from controlplane.errors import ValidationFailed
+from controlplane.errors import ClientError, FieldError
 from controlplane.jobs import Job, JobStore
 from router.event_fanout import EventFanout, StreamEvent, Subscription, id_order
 
@@ -39,7 +39,21 @@ KEEPALIVE_S = 2.0
 KEEPALIVE_COMMENT = "keep-alive"
 #: the reconnection delay a stream at its maximum duration gives its client
 RECONNECT_MS = 1000
-_STREAM_ID = re.compile(r"\d{1,20}(-\d{1,20})?")
+#: a stream entry id, as the events' SSE ids are: milliseconds and a sequence number
+_STREAM_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
+_MAX_ID_PART = 2**64 - 1
+
+
+def check_last_event_id(value: str | None) -> None:
+    """400 naming the header unless ``value`` is absent, empty or a stream entry id such
+    as ``1712345678901-0`` (what Redis would refuse mid-stream)."""
+    if not value:
+        return
+    if _STREAM_ID.fullmatch(value) is None or any(
+            int(part) > _MAX_ID_PART for part in value.split("-")):
+        reason = "must be an event id this stream sent, such as 1712345678901-0"
+        raise ClientError(f"Last-Event-ID: {reason}",
+                          details=[FieldError("Last-Event-ID", reason, value)])
 
 
 async def job_event_messages(redis: aioredis.Redis, jobs: JobStore, job_id: str, *,
@@ -61,11 +75,9 @@ def event_messages(fanout: EventFanout, jobs: JobStore, job: Job, *,
                    verified_wait_s: float = VERIFIED_WAIT_S,
                    max_duration_s: float | None = None,
                    ) -> AsyncIterator[ServerSentEventMessage]:
-    """The SSE messages of ``job`` (as read now): raises ValidationFailed for a malformed
+    """The SSE messages of ``job`` (as read now): raises ClientError (400) for a malformed
     ``Last-Event-ID`` and TooManyStreams at a cap of ``fanout``, before the first one."""
-    if last_event_id is not None and not _STREAM_ID.fullmatch(last_event_id):
-        raise ValidationFailed.of("Last-Event-ID", "must be an event id of this stream, "
-                                  "like 1700000000000-0", last_event_id)
+    check_last_event_id(last_event_id)
     subscription = fanout.open(job.id, tenant=tenant)
     messages = _messages(fanout, subscription, jobs, job, last_event_id or "0",
                          verified_wait_s, max_duration_s)

@@ -27,10 +27,10 @@ from litestar.exceptions import HTTPException, ValidationException
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic import ValidationError as PydanticValidationError
 
-from controlplane.errors import LanewayError, ValidationFailed
+from controlplane.errors import LanewayError, ValidationFailed, shown
 from controlplane.jobs import Job, JobStatus
 from controlplane.policy import Intent
-from router.api import ApiState, AuthorizationHeader, provide_api
+from router.api import ApiState, AuthorizationHeader, provide_api, refuse_large_body
 from router.http_errors import (
     INTERNAL_ERROR_MESSAGE,
     REDIS_RETRY_AFTER_S,
@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 _SIZE = re.compile(r"^([1-9][0-9]{0,5})x([1-9][0-9]{0,5})$")
 #: Laneway request fields and the OpenAI parameter they come from
-_PARAM_OF_FIELD = {"width": "size", "height": "size"}
+_PARAM_OF_FIELD = {"width": "size", "height": "size", "metadata": "user"}
 _TYPE_OF_STATUS = {401: "authentication_error", 403: "permission_error",
                    404: "invalid_request_error", 429: "rate_limit_error"}
 
@@ -89,7 +89,7 @@ def parse_size(size: str) -> tuple[int, int]:
     match = _SIZE.match(size)
     if match is None:
         raise OpenAIError(400, f"size: expected 'WIDTHxHEIGHT' such as '512x512' "
-                               f"(got {size!r})", param="size", code="invalid_size")
+                               f"(got {shown(size)})", param="size", code="invalid_size")
     return int(match.group(1)), int(match.group(2))
 
 
@@ -99,8 +99,8 @@ def parse_body(raw: Any) -> ImagesGeneration:
     except PydanticValidationError as exc:
         first = exc.errors()[0]
         param = ".".join(str(p) for p in first["loc"]) or None
-        shown = f" (got {first['input']!r})" if first["type"] != "missing" else ""
-        raise OpenAIError(400, f"{param}: {first['msg']}{shown}", param=param,
+        got = f" (got {shown(first['input'])})" if first["type"] != "missing" else ""
+        raise OpenAIError(400, f"{param}: {first['msg']}{got}", param=param,
                           code=first["type"]) from None
 
 
@@ -167,7 +167,7 @@ class OpenAIImagesController(Controller):
         Exception: _unexpected_error,
     }
 
-    @post("/", operation_id="createImage", status_code=200)
+    @post("/", operation_id="createImage", status_code=200, before_request=refuse_large_body)
     async def create(self, request: Request[Any, Any, Any], data: dict[str, Any],
                      api: ApiState, authorization: AuthorizationHeader = None
                      ) -> Response[dict[str, Any]]:
@@ -179,7 +179,7 @@ class OpenAIImagesController(Controller):
         if body.model is not None:
             alias = policy.aliases.get(body.model)
             if alias is None:
-                raise OpenAIError(404, f"model: {body.model!r} does not exist (known: "
+                raise OpenAIError(404, f"model: {shown(body.model)} does not exist (known: "
                                        f"{', '.join(sorted(policy.aliases)) or 'none'})",
                                   param="model", code="model_not_found")
             intent, route_name = alias.intent or Intent.auto, alias.route

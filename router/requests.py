@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from controlplane.errors import FieldError, ValidationFailed
-from controlplane.policy import Intent, Mode, Policy
+from controlplane.errors import FieldError, ValidationFailed, shown
+from controlplane.policy import Intent, Limits, Mode, Policy
 
 _QUOTED = re.compile(r'"([^"]+)"|“([^”]+)”')
 
@@ -49,14 +50,12 @@ class ImageRequest(BaseModel):
 
 
 def check_against_policy(req: ImageRequest, policy: Policy) -> list[FieldError]:
-    """Every refusal the policy's limits imply, each naming the field and the value."""
-    errors: list[FieldError] = []
+    """Every refusal the policy's limits imply, each naming the field (and the value,
+    where it is small)."""
     limits = policy.limits
-    if not req.prompt.strip():
+    errors = check_sizes(req, limits)
+    if len(req.prompt) <= limits.max_prompt_chars and not req.prompt.strip():
         errors.append(FieldError("prompt", "must not be empty", req.prompt))
-    elif len(req.prompt) > limits.max_prompt_chars:
-        errors.append(FieldError(
-            "prompt", f"is {len(req.prompt)} characters; the limit is {limits.max_prompt_chars}"))
     width = req.width if req.width is not None else limits.default_width
     height = req.height if req.height is not None else limits.default_height
     for name, value in (("width", width), ("height", height)):
@@ -85,10 +84,72 @@ def check_against_policy(req: ImageRequest, policy: Policy) -> list[FieldError]:
     return errors
 
 
+def check_sizes(req: ImageRequest, limits: Limits) -> list[FieldError]:
+    """The size limits of the free-form fields; each error names the field and the size,
+    never the value. Counts are checked before contents, so refusing a huge field costs
+    one pass over it at most."""
+    errors: list[FieldError] = []
+    for name, value in (("prompt", req.prompt), ("negative_prompt", req.negative_prompt)):
+        if value is not None and len(value) > limits.max_prompt_chars:
+            errors.append(FieldError(
+                name, f"is {len(value)} characters; the limit is {limits.max_prompt_chars}"))
+    if req.text is not None:
+        if len(req.text) > limits.max_text_phrases:
+            errors.append(FieldError(
+                "text", f"has {len(req.text)} phrases; the limit is {limits.max_text_phrases}"))
+        else:
+            errors.extend(
+                FieldError(f"text[{i}]", f"is {len(phrase)} characters; the limit is "
+                                         f"{limits.max_text_chars}")
+                for i, phrase in enumerate(req.text) if len(phrase) > limits.max_text_chars)
+    error = metadata_error(req.metadata, limits)
+    if error is not None:
+        errors.append(error)
+    return errors
+
+
+def metadata_error(metadata: dict[str, Any], limits: Limits) -> FieldError | None:
+    """Why ``metadata`` is too large, or None: its depth, keys and elements first, in a
+    walk that stops at the first excess, then its size as JSON (small by then).
+
+    Every key and list item takes at least a byte of JSON, so the walk stops after
+    ``max_metadata_bytes`` elements at most.
+    """
+    keys = elements = 0
+    pending: list[tuple[Any, int]] = [(metadata, 1)]
+    while pending:
+        value, depth = pending.pop()
+        if isinstance(value, dict):
+            keys += len(value)
+            children: Any = value.values()
+        elif isinstance(value, list):
+            children = value
+        else:
+            continue
+        elements += len(children)
+        if depth > limits.max_metadata_depth:
+            return FieldError("metadata", f"nests deeper than {limits.max_metadata_depth} "
+                                          "levels of objects and lists")
+        if keys > limits.max_metadata_keys:
+            return FieldError("metadata", f"has more than {limits.max_metadata_keys} keys "
+                                          "(counted at every depth)")
+        if elements > limits.max_metadata_bytes:
+            return FieldError("metadata", f"is more than {limits.max_metadata_bytes} bytes "
+                                          "as JSON")
+        pending.extend((child, depth + 1) for child in children
+                       if isinstance(child, dict | list))
+    size = len(json.dumps(metadata, ensure_ascii=False, separators=(",", ":")).encode())
+    if size > limits.max_metadata_bytes:
+        return FieldError("metadata", f"is {size} bytes as JSON; the limit is "
+                                      f"{limits.max_metadata_bytes}")
+    return None
+
+
 def raise_if_any(errors: list[FieldError]) -> None:
     if errors:
         summary = "; ".join(
-            f"{e.field}: {e.message}" + (f" (got {e.value!r})" if e.value is not None else "")
+            f"{e.field}: {e.message}" + (f" (got {shown(e.value)})" if e.value is not None
+                                         else "")
             for e in errors
         )
         raise ValidationFailed(summary, details=errors)

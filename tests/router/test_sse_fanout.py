@@ -272,7 +272,7 @@ async def test_a_stream_at_its_maximum_duration_ends_with_retry_and_resumes(
 
         malformed = await router.http.get(f"/v1/jobs/{job_id}/events",
                                           headers={"Last-Event-ID": "yesterday"})
-        assert malformed.status_code == 422
+        assert malformed.status_code == 400  # issue 12: a malformed Last-Event-ID is a 400
         assert malformed.json()["error"]["details"][0]["field"] == "Last-Event-ID"
 
 
