@@ -9,7 +9,7 @@ instead of queueing work that waits forever::
 
     liveness = EngineLiveness(redis, grace_s=30)
     await liveness.start()
-    liveness.check("sdxl_turbo")   # raises NoEngine
+    await liveness.check("sdxl_turbo")   # raises NoEngine
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ from router.status import live_workers, worker_slots
 log = logging.getLogger(__name__)
 
 REFRESH_S = 1.0
+#: a refusal re-reads the heartbeats when the view is older than this
+RECHECK_S = 0.1
 
 
 class EngineLiveness:
@@ -72,8 +74,18 @@ class EngineLiveness:
         return [engine for engine in engines if engine not in self._serving
                 and now - self._served_at.get(engine, self._started_s) > self.grace_s]
 
-    def check(self, engine: str) -> None:
-        """Raise NoEngine when ``engine`` has had no live worker for longer than the grace."""
+    async def check(self, engine: str) -> None:
+        """Raise NoEngine when ``engine`` has had no live worker for longer than the grace.
+
+        A refusal is confirmed by reading the heartbeats again first (at most every
+        ``RECHECK_S``), so a worker that started since the last read is never missed; an
+        accepted request costs no round trip.
+        """
+        if not self.unserved([engine]):
+            return
+        if self._read_at is None or self._clock() - self._read_at >= RECHECK_S:
+            with contextlib.suppress(aioredis.RedisError):
+                await self.refresh()
         if self.unserved([engine]):
             seen = self._served_at.get(engine)
             since = ("since this API started" if seen is None

@@ -268,7 +268,7 @@ class Submitter:
         for index, stage in enumerate(route.stages):
             engine = await self._available_engine(stage, snapshot.policy)
             if index == 0 and self.liveness is not None:
-                self.liveness.check(engine)
+                await self.liveness.check(engine)
             spec = snapshot.policy.engines[engine]
             model = spec.model if spec.is_local_model else None
             records.append(StageRecord(
