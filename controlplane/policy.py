@@ -98,6 +98,8 @@ class EngineKind(StrEnum):
     openai_images = "http.openai_images"
 
 
+#: kinds that denoise ``steps x strength`` of their steps from an input image
+STRENGTH_KINDS = frozenset({EngineKind.image2image, EngineKind.inpaint})
 DIFFUSERS_KINDS = frozenset(
     {EngineKind.text2image, EngineKind.image2image, EngineKind.inpaint,
      EngineKind.latent_upscale, EngineKind.upscale}
@@ -378,6 +380,14 @@ def check_references(policy: Policy) -> list[FieldError]:
                 if name not in policy.engines:
                     errors.append(FieldError(f"{at}.stages[{j}].fallback[{k}]",
                                              "unknown engine", name))
+            spec = policy.engines.get(stage.engine)
+            if spec is not None and spec.kind in STRENGTH_KINDS:
+                steps, strength = stage.steps or spec.steps, stage.strength or spec.strength
+                if steps is not None and strength is not None and int(steps * strength) < 1:
+                    errors.append(FieldError(
+                        f"{at}.stages[{j}]", f"runs no denoising step: steps {steps} x "
+                        f"strength {strength} is under 1 (img2img runs steps x strength)",
+                        stage.engine))
         degrade_to = route.admission.degrade_to
         if degrade_to is not None:
             if degrade_to not in route_names:

@@ -179,3 +179,12 @@ def test_validate_refuses_hosts_outside_the_operators_list(tmp_path: Path) -> No
             ) in refused.stderr
     allowed = validate(tmp_path, text, LANEWAY_REMOTE_HOSTS="api.example.com,Images.Example.com")
     assert allowed.returncode == 0, allowed.stderr
+
+
+def test_an_img2img_stage_that_runs_no_step_is_refused(tmp_path: Path) -> None:
+    # tiny.yaml's refine engine: steps 8, strength 0.3 (2 steps); 0.1 leaves none
+    broken = TINY.replace("    strength: 0.3\n", "    strength: 0.1\n", 1)
+    assert broken != TINY
+    result = validate(tmp_path, broken)
+    assert result.returncode == 1
+    assert "runs no denoising step: steps 8 x strength 0.1 is under 1" in result.stderr
