@@ -11,9 +11,9 @@ Two rules keep the models and the wire honest:
   with ``extra="ignore"``), so a client keeps working against a newer server that added
   fields, as CONTRACT.md allows.
 
-Fields listed in a model's ``omitted_when_empty`` are left out of its JSON when they are
-``None`` or ``[]`` (``verification`` is ``{"status": "pending"}`` until verified, a
-tenant's ``/v1/status`` has no ``workers``).
+Fields listed in a model's ``omitted_when_none`` are left out of its JSON when they are
+None (a tenant's ``/v1/status`` has no ``workers``), those in ``omitted_when_empty`` also
+when they are ``[]`` (``verification`` is ``{"status": "pending"}`` until verified).
 """
 
 from __future__ import annotations
@@ -38,16 +38,21 @@ def strict(model: type[Model], body: Any) -> Model:
 
 
 class Body(BaseModel):
-    """A response body; drops the fields of ``omitted_when_empty`` that are None or []."""
+    """A response body; leaves out the fields of ``omitted_when_none`` that are None and
+    those of ``omitted_when_empty`` that are None or []."""
 
+    omitted_when_none: ClassVar[frozenset[str]] = frozenset()
     omitted_when_empty: ClassVar[frozenset[str]] = frozenset()
 
     @model_serializer(mode="wrap")
-    def _omit_empty(self, handler: SerializerFunctionWrapHandler) -> Any:
+    def _omit_unset(self, handler: SerializerFunctionWrapHandler) -> Any:
         out = handler(self)
-        if self.omitted_when_empty and isinstance(out, dict):
+        if isinstance(out, dict):
+            for name in self.omitted_when_none:
+                if name in out and out[name] is None:
+                    del out[name]
             for name in self.omitted_when_empty:
-                if out.get(name, 0) in (None, []):
+                if name in out and out[name] in (None, []):
                     del out[name]
         return out
 
@@ -58,7 +63,7 @@ class Body(BaseModel):
 class ErrorDetail(Body):
     """One refused field: where it is, what was wrong, the bad value (when known)."""
 
-    omitted_when_empty = frozenset({"value"})
+    omitted_when_none = frozenset({"value"})
 
     field: str
     message: str
@@ -170,7 +175,7 @@ class StatusOut(Body):
     """``GET /v1/status``; a tenant's view has only ``policy_version``, ``lanes`` (of its
     tiers) and ``deferred``."""
 
-    omitted_when_empty = frozenset({"workers", "deployments", "rollouts"})
+    omitted_when_none = frozenset({"workers", "deployments", "rollouts"})
 
     policy_version: str
     lanes: list[LaneOut]
@@ -283,7 +288,7 @@ AuditEntryOut = AuditEntry
 
 
 class OpenAIImage(Body):
-    omitted_when_empty = frozenset({"url", "b64_json"})
+    omitted_when_none = frozenset({"url", "b64_json"})
 
     url: str | None = None
     b64_json: str | None = None
