@@ -78,7 +78,9 @@ class Counts(BaseModel):
     verdicts_passed: int = 0
 
 
-class Rollout(BaseModel):
+class RolloutFields(BaseModel):
+    """A rollout's stored fields (``controlplane.api_models.RolloutOut`` adds ``weight``)."""
+
     model_config = ConfigDict(extra="forbid")
 
     model: str
@@ -97,6 +99,10 @@ class Rollout(BaseModel):
     revision: int = 0
     message: str = ""
     baseline: dict[str, Counts] = Field(default_factory=dict)
+
+
+class Rollout(RolloutFields):
+    """One model's rollout as stored, with what follows from its fields."""
 
     @property
     def weight(self) -> float:

@@ -24,6 +24,18 @@ from litestar.response import File
 from pydantic import BaseModel, ConfigDict, Field
 
 from controlplane import audit
+from controlplane.api_models import (
+    AuditEntryOut,
+    ModelRollbackOut,
+    ModelVersionOut,
+    PolicyAppliedOut,
+    PolicyChangeOut,
+    PolicyYamlOut,
+    RecentJobOut,
+    RegisteredModelOut,
+    RolloutOut,
+    strict,
+)
 from controlplane.deployments import DeploymentStore
 from controlplane.errors import Forbidden, RegistryError, Unauthorized, ValidationFailed
 from controlplane.policy import Policy, RemoteRules
@@ -36,17 +48,19 @@ from controlplane.rollouts import (
     DEFAULT_MIN_SAMPLES,
     DEFAULT_STEPS,
     Phase,
-    Rollout,
     RolloutStore,
     Thresholds,
     apply_transition,
     start_rollout,
 )
 from router.api import ApiState, image_response, provide_api
+from router.openapi_responses import ADMIN_ERRORS, errors
 
 TOKEN_NAME = "admin"
 #: the most jobs one ``GET /v1/admin/jobs`` returns
 MAX_RECENT_JOBS = 200
+#: what every admin operation documents: the guard's and the actions' refusals
+ERRORS = errors(*ADMIN_ERRORS)
 ACTOR_HEADER = "x-laneway-actor"
 
 
@@ -106,17 +120,11 @@ class RegisterRequest(Strict):
     reason: str = ""
 
 
-def _rollout_body(rollout: Rollout) -> dict[str, Any]:
-    body = rollout.model_dump(mode="json")
-    body["weight"] = rollout.weight
-    return body
-
-
 _ACTION_PHASE: dict[str, Phase] = {"promote": Phase.promoted, "pause": Phase.paused,
                                    "resume": Phase.progressing, "abort": Phase.aborted}
 
 
-def _register(registry: Registry, req: RegisterRequest) -> dict[str, Any]:
+def _register(registry: Registry, req: RegisterRequest) -> RegisteredModelOut:
     """Verify a source that carries its own manifest, then copy it in (blocking)."""
     source = Path(req.path)
     kind, base_model = req.kind, req.base_model
@@ -129,7 +137,8 @@ def _register(registry: Registry, req: RegisterRequest) -> dict[str, Any]:
         raise ValidationFailed.of("kind", f"is required: {source} has no {MANIFEST_NAME}")
     manifest = registry.register(req.name, req.version, source, kind=kind,
                                  base_model=base_model, notes=req.notes, link=req.link)
-    return manifest.model_dump(mode="json", exclude={"files"}) | {"files": len(manifest.files)}
+    return strict(RegisteredModelOut, manifest.model_dump(mode="json", exclude={"files"})
+                  | {"files": len(manifest.files)})
 
 
 class AdminController(Controller):
@@ -139,15 +148,15 @@ class AdminController(Controller):
 
     # -- policy ------------------------------------------------------------------------
 
-    @get("/policy", operation_id="adminGetPolicy")
-    async def get_policy(self, api: ApiState) -> dict[str, Any]:
+    @get("/policy", operation_id="adminGetPolicy", responses=ERRORS)
+    async def get_policy(self, api: ApiState) -> PolicyYamlOut:
         """The policy in force as canonical YAML (what `laneway policy diff` compares)."""
         policy = api.live.snapshot.policy
-        return {"version": policy.version_id, "yaml": canonical_yaml(policy)}
+        return PolicyYamlOut(version=policy.version_id, yaml=canonical_yaml(policy))
 
-    @post("/policy", operation_id="adminApplyPolicy", status_code=200)
+    @post("/policy", operation_id="adminApplyPolicy", status_code=200, responses=ERRORS)
     async def apply_policy(self, request: Request[Any, Any, Any], api: ApiState,
-                           reason: str = "") -> dict[str, Any]:
+                           reason: str = "") -> PolicyAppliedOut:
         """Validate the YAML body and put it in force; 422 with every error otherwise."""
         text = (await request.body()).decode("utf-8", errors="replace")
         applied = await apply_policy_text(api.redis, text, Registry(api.settings.registry),
@@ -155,29 +164,31 @@ class AdminController(Controller):
                                           actor=actor_of(request), reason=reason,
                                           source="request body")
         await api.live.reload()
-        return asdict(applied)
+        return strict(PolicyAppliedOut, asdict(applied))
 
-    @post("/policy/rollback", operation_id="adminRollbackPolicy", status_code=200)
+    @post("/policy/rollback", operation_id="adminRollbackPolicy", status_code=200,
+          responses=ERRORS)
     async def rollback_policy(self, request: Request[Any, Any, Any], data: ToVersion,
-                              api: ApiState) -> dict[str, Any]:
+                              api: ApiState) -> PolicyAppliedOut:
         applied = await rollback_policy(api.redis, Registry(api.settings.registry),
                                         remote=RemoteRules.from_settings(api.settings),
                                         actor=actor_of(request), reason=data.reason,
                                         to=data.to)
         await api.live.reload()
-        return asdict(applied)
+        return strict(PolicyAppliedOut, asdict(applied))
 
-    @get("/policy/history", operation_id="adminPolicyHistory")
-    async def policy_history(self, api: ApiState) -> list[dict[str, Any]]:
+    @get("/policy/history", operation_id="adminPolicyHistory", responses=ERRORS)
+    async def policy_history(self, api: ApiState) -> list[PolicyChangeOut]:
         store = PolicyStore(api.redis)
         current = await store.current_version()
-        return [asdict(c) | {"current": c.version == current} for c in await store.history()]
+        return [strict(PolicyChangeOut, asdict(c) | {"current": c.version == current})
+                for c in await store.history()]
 
     # -- rollouts ----------------------------------------------------------------------
 
-    @post("/rollouts", operation_id="adminStartRollout", status_code=201)
+    @post("/rollouts", operation_id="adminStartRollout", status_code=201, responses=ERRORS)
     async def start(self, request: Request[Any, Any, Any], data: RolloutRequest,
-                    api: ApiState) -> dict[str, Any]:
+                    api: ApiState) -> RolloutOut:
         registry = Registry(api.settings.registry)
         if data.version not in registry.versions(data.model):
             raise ValidationFailed.of("version", f"is not a registered version of "
@@ -187,20 +198,20 @@ class AdminController(Controller):
             actor=actor_of(request), reason=data.reason, steps=data.steps,
             interval_s=data.interval_s, min_samples=data.min_samples,
             thresholds=data.thresholds)
-        return _rollout_body(rollout)
+        return RolloutOut.of(rollout)
 
-    @get("/rollouts", operation_id="adminListRollouts")
-    async def list_rollouts(self, api: ApiState) -> list[dict[str, Any]]:
-        return [_rollout_body(r) for r in await RolloutStore(api.redis).all()]
+    @get("/rollouts", operation_id="adminListRollouts", responses=ERRORS)
+    async def list_rollouts(self, api: ApiState) -> list[RolloutOut]:
+        return [RolloutOut.of(r) for r in await RolloutStore(api.redis).all()]
 
-    @get("/rollouts/{model:str}", operation_id="adminGetRollout")
-    async def get_rollout(self, model: str, api: ApiState) -> dict[str, Any]:
-        return _rollout_body(await RolloutStore(api.redis).require(model))
+    @get("/rollouts/{model:str}", operation_id="adminGetRollout", responses=ERRORS)
+    async def get_rollout(self, model: str, api: ApiState) -> RolloutOut:
+        return RolloutOut.of(await RolloutStore(api.redis).require(model))
 
     @post("/rollouts/{model:str}/{action:str}", operation_id="adminRolloutAction",
-          status_code=200)
+          status_code=200, responses=ERRORS)
     async def act(self, request: Request[Any, Any, Any], model: str, action: str,
-                  api: ApiState, data: Reason | None = None) -> dict[str, Any]:
+                  api: ApiState, data: Reason | None = None) -> RolloutOut:
         """promote | pause | resume | abort."""
         phase = _ACTION_PHASE.get(action)
         if phase is None:
@@ -210,13 +221,14 @@ class AdminController(Controller):
         reason = (data.reason if data else "") or f"{action} by {actor_of(request)}"
         after = await apply_transition(api.redis, rollout, phase, now_s=time.time(),
                                        actor=actor_of(request), reason=reason)
-        return _rollout_body(after)
+        return RolloutOut.of(after)
 
     # -- models ------------------------------------------------------------------------
 
-    @post("/models/{model:str}/rollback", operation_id="adminRollbackModel", status_code=200)
+    @post("/models/{model:str}/rollback", operation_id="adminRollbackModel", status_code=200,
+          responses=ERRORS)
     async def rollback(self, request: Request[Any, Any, Any], model: str, api: ApiState,
-                       data: ToVersion | None = None) -> dict[str, Any]:
+                       data: ToVersion | None = None) -> ModelRollbackOut:
         """Abort the model's rollout or go back a stable version; idempotent: with nothing
         to undo it answers ``changed: false``, "already at VERSION", and writes nothing.
         409 ``conflict`` when a concurrent admin or controller write got there first."""
@@ -227,10 +239,10 @@ class AdminController(Controller):
             known_versions=Registry(api.settings.registry).versions(model))
         if result.changed:
             await api.live.reload()
-        return asdict(result) | {"message": result.message}
+        return strict(ModelRollbackOut, asdict(result) | {"message": result.message})
 
-    @get("/models", operation_id="adminListModels")
-    async def models(self, api: ApiState) -> list[dict[str, Any]]:
+    @get("/models", operation_id="adminListModels", responses=ERRORS)
+    async def models(self, api: ApiState) -> list[ModelVersionOut]:
         """Every registered version with its role: stable, canary (with weight) or idle."""
         registry = Registry(api.settings.registry)
         deployments = await DeploymentStore(api.redis).all()
@@ -244,13 +256,14 @@ class AdminController(Controller):
                     weight = 100.0 - (deployment.canary_weight if deployment.canary else 0.0)
                 elif deployment and version == deployment.canary:
                     role, weight = "canary", deployment.canary_weight
-                rows.append({"model": model, "version": version, "role": role,
-                             "weight": weight, "kind": registry.manifest(model, version).kind})
+                rows.append(ModelVersionOut(
+                    model=model, version=version, role=role, weight=weight,
+                    kind=registry.manifest(model, version).kind))
         return rows
 
-    @post("/models", operation_id="adminRegisterModel", status_code=201)
+    @post("/models", operation_id="adminRegisterModel", status_code=201, responses=ERRORS)
     async def register(self, request: Request[Any, Any, Any], data: RegisterRequest,
-                       api: ApiState) -> dict[str, Any]:
+                       api: ApiState) -> RegisteredModelOut:
         """Copy (or link) a folder into the registry as NAME/VERSION, after checking it."""
         registry = Registry(api.settings.registry)
         try:
@@ -264,16 +277,15 @@ class AdminController(Controller):
 
     # -- jobs --------------------------------------------------------------------------
 
-    @get("/jobs", operation_id="adminRecentJobs")
-    async def recent_jobs(self, api: ApiState, limit: int = 20) -> list[dict[str, Any]]:
+    @get("/jobs", operation_id="adminRecentJobs", responses=ERRORS)
+    async def recent_jobs(self, api: ApiState, limit: int = 20) -> list[RecentJobOut]:
         """The newest accepted jobs of every tenant, newest first, with prompt and tenant."""
         if not 1 <= limit <= MAX_RECENT_JOBS:
             raise ValidationFailed.of("limit", f"must be 1..{MAX_RECENT_JOBS}", limit)
-        return [job.public() | {"prompt": job.request.prompt, "tenant": job.request.tenant}
-                for job in await api.jobs.recent(limit_n=limit)]
+        return [RecentJobOut.of(job) for job in await api.jobs.recent(limit_n=limit)]
 
     @get("/jobs/{job_id:str}/images/{index:int}", operation_id="adminJobImage",
-         media_type="image/png")
+         media_type="image/png", responses=ERRORS)
     async def job_image(self, job_id: str, index: int, api: ApiState,
                         format: str = "png") -> Response[bytes] | File:
         """A job's image for the admin, whatever its tenant (the console's thumbnails)."""
@@ -281,13 +293,13 @@ class AdminController(Controller):
 
     # -- audit -------------------------------------------------------------------------
 
-    @get("/audit", operation_id="adminAudit")
+    @get("/audit", operation_id="adminAudit", responses=ERRORS)
     async def audit_log(self, api: ApiState, limit: int = 50,
-                        target: str | None = None) -> list[dict[str, Any]]:
+                        target: str | None = None) -> list[AuditEntryOut]:
         if limit < 1:
             raise ValidationFailed.of("limit", "must be at least 1", limit)
         entries = await audit.recent(api.redis, limit_n=limit, target=target)
-        return [e.model_dump(mode="json") for e in entries]
+        return entries
 
 
 __all__ = ["AdminController", "admin_guard"]

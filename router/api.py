@@ -13,10 +13,12 @@ from litestar import Controller, Request, Response, delete, get, post
 from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.enums import MediaType
+from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import Parameter
 from litestar.response import File, ServerSentEvent, ServerSentEventMessage
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from controlplane.api_models import HealthOut, JobOut, ReadyOut, RoutesOut, StatusOut, strict
 from controlplane.artifacts import ArtifactStore
 from controlplane.errors import FieldError, Forbidden, NotFound, PayloadTooLarge, ValidationFailed
 from controlplane.jobs import Job, JobStore
@@ -27,6 +29,7 @@ from router.engine_liveness import EngineLiveness
 from router.event_fanout import EventFanout
 from router.job_events import check_last_event_id, event_messages
 from router.metrics import render_metrics
+from router.openapi_responses import JOB_ERRORS, errors
 from router.requests import ImageRequest
 from router.status import status_body
 from router.submit import Submitter, new_job_id
@@ -76,8 +79,8 @@ async def refuse_large_body(request: Request[Any, Any, Any]) -> None:
         raise PayloadTooLarge(f"request body {reason}", details=[FieldError("body", reason)])
 
 
-def _job_response(job: Job, *, status_code: int = 200) -> Response[dict[str, Any]]:
-    return Response(job.public(), status_code=status_code)
+def _job_response(job: Job, *, status_code: int = 200) -> Response[JobOut]:
+    return Response(JobOut.of(job), status_code=status_code)
 
 
 async def _visible_job(api: ApiState, job_id: str, authorization: str | None) -> Job:
@@ -112,12 +115,15 @@ class JobsController(Controller):
     dependencies = {"api": Provide(provide_api, sync_to_thread=False)}
 
     @post("/images", operation_id="submitImage", status_code=202,
-          before_request=refuse_large_body)
+          before_request=refuse_large_body, responses={
+              200: ResponseSpec(JobOut, description="the job ended within `wait`",
+                                generate_examples=False),
+              **errors(400, 401, 403, 409, 413, 422, 429, 503)})
     async def submit(
         self, data: ImageRequest, api: ApiState, authorization: AuthorizationHeader = None,
         idempotency_key: Annotated[str | None, Parameter(
             header="Idempotency-Key", required=False)] = None,
-    ) -> Response[dict[str, Any]]:
+    ) -> Response[JobOut]:
         """Accept a generation; with ``wait`` > 0, hold the request until it ends or times out.
 
         A repeated ``Idempotency-Key`` answers with the original job (header
@@ -136,12 +142,13 @@ class JobsController(Controller):
                                                         timeout_s=data.wait)
                 except TimeoutError:
                     job = await api.jobs.get(job.id)
-        return Response(job.public(), status_code=200 if job.status.is_final else 202,
+        return Response(JobOut.of(job), status_code=200 if job.status.is_final else 202,
                         headers=headers)
 
-    @delete("/jobs/{job_id:str}", operation_id="cancelJob", status_code=200)
+    @delete("/jobs/{job_id:str}", operation_id="cancelJob", status_code=200,
+            responses=errors(*JOB_ERRORS))
     async def cancel(self, job_id: str, api: ApiState,
-                     authorization: AuthorizationHeader = None) -> Response[dict[str, Any]]:
+                     authorization: AuthorizationHeader = None) -> Response[JobOut]:
         """Cancel a job; idempotent: an ended job is returned unchanged."""
         policy = api.live.snapshot.policy
         tenant = (authenticate(policy, authorization, secrets=api.secrets)
@@ -149,7 +156,8 @@ class JobsController(Controller):
         job, _ = await cancel_job(api.jobs, api.submitter.transitions, job_id, tenant=tenant)
         return _job_response(job)
 
-    @get("/jobs/{job_id:str}/events", operation_id="getJobEvents")
+    @get("/jobs/{job_id:str}/events", operation_id="getJobEvents",
+         media_type="text/event-stream", responses=errors(*JOB_ERRORS))
     async def events(self, job_id: str, api: ApiState, last_event_id: Annotated[
             str | None, Parameter(header="Last-Event-ID", required=False)] = None,
                      authorization: AuthorizationHeader = None) -> ServerSentEvent:
@@ -167,13 +175,13 @@ class JobsController(Controller):
             max_duration_s=api.settings.sse_max_duration_s)
         return ServerSentEvent(messages)
 
-    @get("/jobs/{job_id:str}", operation_id="getJob")
+    @get("/jobs/{job_id:str}", operation_id="getJob", responses=errors(*JOB_ERRORS))
     async def get_job(self, job_id: str, api: ApiState,
-                      authorization: AuthorizationHeader = None) -> Response[dict[str, Any]]:
+                      authorization: AuthorizationHeader = None) -> Response[JobOut]:
         return _job_response(await _visible_job(api, job_id, authorization))
 
     @get("/jobs/{job_id:str}/images/{index:int}", operation_id="getJobImage",
-         media_type="image/png")
+         media_type="image/png", responses=errors(*JOB_ERRORS))
     async def get_image(self, job_id: str, index: int, api: ApiState, format: str = "png",
                         authorization: AuthorizationHeader = None) -> Response[bytes] | File:
         """The image, PNG by default, with its provenance as JSON in its ``laneway`` text
@@ -185,9 +193,9 @@ class JobsController(Controller):
 class SystemController(Controller):
     dependencies = {"api": Provide(provide_api, sync_to_thread=False)}
 
-    @get("/v1/routes", operation_id="getRoutes")
+    @get("/v1/routes", operation_id="getRoutes", responses=errors(400, 401, 503))
     async def routes(self, api: ApiState,
-                     authorization: AuthorizationHeader = None) -> dict[str, Any]:
+                     authorization: AuthorizationHeader = None) -> RoutesOut:
         """The policy in force: its version, routes and engines.
 
         With tenants it takes a tenant key (which sees its own tenant entry only) or the
@@ -200,11 +208,11 @@ class SystemController(Controller):
         if not who.sees_all:
             body["tenants"] = {who.tenant: body["tenants"][who.tenant]}
         body["policy_version"] = policy.version_id
-        return body
+        return strict(RoutesOut, body)
 
-    @get("/v1/status", operation_id="getStatus")
+    @get("/v1/status", operation_id="getStatus", responses=errors(400, 401, 503))
     async def status(self, api: ApiState,
-                     authorization: AuthorizationHeader = None) -> dict[str, Any]:
+                     authorization: AuthorizationHeader = None) -> StatusOut:
         """Lanes (depth, oldest age), live workers (slots, heartbeat) and deployments.
 
         With tenants it takes a tenant key or the admin token; a tenant sees the lanes of
@@ -215,13 +223,15 @@ class SystemController(Controller):
                      admin_token=api.settings.admin_token)
         body = await status_body(api.redis, snapshot)
         if who.sees_all:
-            return body
+            return strict(StatusOut, body)
         spec = snapshot.policy.tenants[who.tenant or ""]
         tiers = set(spec.tiers or snapshot.policy.tiers)
-        return {"policy_version": body["policy_version"], "deferred": body["deferred"],
-                "lanes": [lane for lane in body["lanes"] if lane["tier"] in tiers]}
+        return strict(StatusOut, {
+            "policy_version": body["policy_version"], "deferred": body["deferred"],
+            "lanes": [lane for lane in body["lanes"] if lane["tier"] in tiers]})
 
-    @get("/metrics", operation_id="metrics", media_type=CONTENT_TYPE_LATEST)
+    @get("/metrics", operation_id="metrics", media_type=CONTENT_TYPE_LATEST,
+         responses=errors(400, 403, 503))
     async def metrics(self, api: ApiState,
                       authorization: AuthorizationHeader = None) -> Response[bytes]:
         """Prometheus text: lanes, slots, stage times, admission, job outcomes, spend,
@@ -237,12 +247,14 @@ class SystemController(Controller):
                                     deployments=snapshot.deployments)
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
-    @get("/healthz", operation_id="healthz", media_type=MediaType.JSON)
-    async def healthz(self) -> dict[str, str]:
-        return {"status": "ok"}
+    @get("/healthz", operation_id="healthz", media_type=MediaType.JSON, responses=errors())
+    async def healthz(self) -> HealthOut:
+        return HealthOut(status="ok")
 
-    @get("/readyz", operation_id="readyz")
-    async def readyz(self, api: ApiState) -> Response[dict[str, Any]]:
+    @get("/readyz", operation_id="readyz", responses={
+        503: ResponseSpec(ReadyOut, description="not ready: the problems are listed",
+                          generate_examples=False), **errors()})
+    async def readyz(self, api: ApiState) -> Response[ReadyOut]:
         """Ready when Redis answers and the processes hosting the API are well.
 
         Workers are not asked for: API pods stay ready while workers scale to zero (a
@@ -258,5 +270,5 @@ class SystemController(Controller):
         body = {"status": "ready" if not problems else "not_ready", "problems": problems,
                 "policy_version": policy.version_id,
                 "engines_without_workers": api.liveness.unserved(policy.engines)}
-        return Response(body, status_code=200 if not problems else 503)
+        return Response(strict(ReadyOut, body), status_code=200 if not problems else 503)
 

@@ -27,6 +27,7 @@ from litestar.exceptions import HTTPException, ValidationException
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic import ValidationError as PydanticValidationError
 
+from controlplane.api_models import OpenAIErrorBody, OpenAIImagesOut, strict
 from controlplane.errors import LanewayError, ValidationFailed, shown
 from controlplane.jobs import Job, JobStatus
 from controlplane.policy import Intent
@@ -37,6 +38,7 @@ from router.http_errors import (
     REDIS_UNAVAILABLE,
     log_failure,
 )
+from router.openapi_responses import errors
 from router.requests import ImageRequest
 from router.submit import new_job_id
 from router.tenants import authenticate
@@ -167,10 +169,11 @@ class OpenAIImagesController(Controller):
         Exception: _unexpected_error,
     }
 
-    @post("/", operation_id="createImage", status_code=200, before_request=refuse_large_body)
+    @post("/", operation_id="createImage", status_code=200, before_request=refuse_large_body,
+          responses=errors(400, 401, 403, 404, 413, 429, 503, 504, body=OpenAIErrorBody))
     async def create(self, request: Request[Any, Any, Any], data: dict[str, Any],
                      api: ApiState, authorization: AuthorizationHeader = None
-                     ) -> Response[dict[str, Any]]:
+                     ) -> Response[OpenAIImagesOut]:
         """Generate images and answer once they exist, in the OpenAI Images shape."""
         body = parse_body(data)
         policy = api.live.snapshot.policy
@@ -203,5 +206,6 @@ class OpenAIImagesController(Controller):
         if job.status is not JobStatus.completed:
             raise OpenAIError(500, f"job {job.id} {job.status.value}: {job.error or 'no error'}",
                               code=f"job_{job.status.value}")
-        return Response({"created": int(time.time()),
-                         "data": await _images(api, request, job, body.response_format)})
+        return Response(strict(OpenAIImagesOut, {
+            "created": int(time.time()),
+            "data": await _images(api, request, job, body.response_format)}))
