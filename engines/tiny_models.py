@@ -54,7 +54,7 @@ _CORPUS = [
 ]
 
 
-def _tokenizer(folder: Path) -> CLIPTokenizer:
+def train_tokenizer(folder: Path) -> CLIPTokenizer:
     """A CLIP tokenizer whose vocabulary is every byte (with and without ``</w>``) + merges."""
     bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
     bpe.pre_tokenizer = pre_tokenizers.Sequence(
@@ -196,7 +196,7 @@ def make_tiny(registry: Registry) -> list[Manifest]:
         tokenizer: CLIPTokenizer | None = None
         for name, version, kind, base_model, build in _TINY:
             if version not in registry.versions(name):
-                tokenizer = tokenizer or _tokenizer(work / "tokenizer")
+                tokenizer = tokenizer or train_tokenizer(work / "tokenizer")
                 out = work / name / version
                 build(tokenizer, out)
                 registry.register(name, version, out, kind=kind, base_model=base_model,
