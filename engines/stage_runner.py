@@ -274,12 +274,17 @@ class StageRunner:
                 span.set_status(Status(StatusCode.ERROR, describe(exc)))
                 await self._after_failure(slot, works, exc)
                 return
-            for work, outputs in zip(works, images, strict=True):
-                await self.outcomes.complete(
-                    work.entry, work.job, work.attempt, outputs, run_ms=run_ms,
-                    progress=await self.progress.take(work.job.id), batch_size=len(works),
-                    cost=_cost(work.spec, outputs, run_ms, len(works)),
-                    verify=work.policy.route(work.job.route).verify is not None)
+            # each item's commit is its own transition: a batch commits them side by side
+            await asyncio.gather(*(self._complete(work, outputs, run_ms, len(works))
+                                   for work, outputs in zip(works, images, strict=True)))
+
+    async def _complete(self, work: Work, outputs: list[Image.Image], run_ms: int,
+                        batch_size: int) -> None:
+        await self.outcomes.complete(
+            work.entry, work.job, work.attempt, outputs, run_ms=run_ms,
+            progress=await self.progress.take(work.job.id), batch_size=batch_size,
+            cost=_cost(work.spec, outputs, run_ms, batch_size),
+            verify=work.policy.route(work.job.route).verify is not None)
 
     async def _after_failure(self, slot: Slot, works: list[Work], exc: Exception) -> None:
         if isinstance(exc, StageStopped):
