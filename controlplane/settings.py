@@ -17,8 +17,9 @@ import difflib
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any, Literal
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from controlplane.errors import FieldError, SettingsError
@@ -51,7 +52,17 @@ class Settings(BaseSettings):
                     "long is refused with 503 no_engine")
     home: Path = Field(default=Path("var"), description="runtime state: pidfiles, AOF, logs")
     registry: Path = Path("registry")
-    artifacts: Path = Path("var/artifacts")
+    artifacts: str = Field(
+        default="var/artifacts",
+        description="image store: a directory, or s3://BUCKET[/PREFIX] (endpoint, keys and "
+                    "region from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
+                    "AWS_REGION)")
+    image_urls: Literal["api", "presigned"] = Field(
+        default="api",
+        description="API: the url of a job's images: the API's own path, or a presigned "
+                    "URL of the object (an s3:// store only)")
+    image_url_ttl_s: int = Field(default=3600, gt=0,
+                                 description="API: how long a presigned image URL works")
     host: str = "127.0.0.1"
     port: int = 8000
     url: str = Field(default="http://127.0.0.1:8000",
@@ -73,6 +84,31 @@ class Settings(BaseSettings):
     verify_claim_idle_ms: int = Field(
         default=60_000, gt=0,
         description="a verification left pending this long by a dead verifier is reclaimed")
+
+    @field_validator("artifacts", mode="before")
+    @classmethod
+    def _artifacts_text(cls, value: Any) -> Any:
+        return os.fspath(value) if isinstance(value, os.PathLike) else value
+
+    @field_validator("artifacts")
+    @classmethod
+    def _artifacts_location(cls, value: str) -> str:
+        if not value:
+            raise ValueError("expected a directory or s3://BUCKET[/PREFIX] (got '')")
+        scheme, sep, rest = value.partition("://")
+        if sep and (scheme != "s3" or not rest.split("/")[0]):
+            raise ValueError(f"expected a directory or s3://BUCKET[/PREFIX] (got {value!r})")
+        return value
+
+    @field_validator("image_urls")
+    @classmethod
+    def _presigned_needs_s3(cls, value: str, info: ValidationInfo) -> str:
+        artifacts = info.data.get("artifacts")
+        if value == "presigned" and artifacts is not None and not artifacts.startswith("s3://"):
+            raise ValueError(f"presigned image URLs need an s3:// store, but "
+                             f"LANEWAY_ARTIFACTS is the directory {artifacts!r}; set "
+                             f"LANEWAY_IMAGE_URLS=api or an s3://BUCKET store")
+        return value
 
     @property
     def embedded_dir(self) -> Path:

@@ -14,10 +14,10 @@ from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.enums import MediaType
 from litestar.params import Parameter
-from litestar.response import File, ServerSentEvent, ServerSentEventMessage
+from litestar.response import ServerSentEvent, ServerSentEventMessage, Stream
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from controlplane.artifacts import ArtifactStore
+from controlplane.artifacts import ArtifactStore, final_key
 from controlplane.errors import Forbidden, NotFound, ValidationFailed
 from controlplane.jobs import Job, JobStore
 from controlplane.live_config import LiveConfig
@@ -62,8 +62,20 @@ def provide_api(state: State) -> ApiState:
     return api
 
 
-def _job_response(job: Job, *, status_code: int = 200) -> Response[dict[str, Any]]:
-    return Response(job.public(), status_code=status_code)
+def public_job(api: ApiState, job: Job) -> dict[str, Any]:
+    """The job as clients see it; with ``LANEWAY_IMAGE_URLS=presigned`` each image's
+    ``url`` is a presigned URL of its object, valid for ``image_url_ttl_s``."""
+    body = job.public()
+    if api.settings.image_urls == "presigned":
+        for image in body["images"]:
+            image["url"] = api.artifacts.presigned_url(
+                final_key(job.id, image["index"]), expires_s=api.settings.image_url_ttl_s)
+    return body
+
+
+def _job_response(api: ApiState, job: Job, *, status_code: int = 200
+                  ) -> Response[dict[str, Any]]:
+    return Response(public_job(api, job), status_code=status_code)
 
 
 async def _visible_job(api: ApiState, job_id: str, authorization: str | None) -> Job:
@@ -105,7 +117,7 @@ class JobsController(Controller):
                                                         timeout_s=data.wait)
                 except TimeoutError:
                     job = await api.jobs.get(job.id)
-        return Response(job.public(), status_code=200 if job.status.is_final else 202,
+        return Response(public_job(api, job), status_code=200 if job.status.is_final else 202,
                         headers=headers)
 
     @delete("/jobs/{job_id:str}", operation_id="cancelJob", status_code=200)
@@ -116,7 +128,7 @@ class JobsController(Controller):
         tenant = (authenticate(policy, authorization, secrets=api.secrets)
                   if policy.tenants else None)
         job, _ = await cancel_job(api.jobs, api.submitter.transitions, job_id, tenant=tenant)
-        return _job_response(job)
+        return _job_response(api, job)
 
     @get("/jobs/{job_id:str}/events", operation_id="getJobEvents")
     async def events(self, job_id: str, api: ApiState, last_event_id: Annotated[
@@ -125,29 +137,37 @@ class JobsController(Controller):
         """The job's events as Server-Sent Events: its state first, then its history, live."""
         await _visible_job(api, job_id, authorization)
         messages: AsyncIterator[ServerSentEventMessage] = await job_event_messages(
-            api.blocking_redis, api.jobs, job_id, last_event_id=last_event_id)
+            api.blocking_redis, api.jobs, job_id, last_event_id=last_event_id,
+            public=lambda job: public_job(api, job))
         return ServerSentEvent(messages)
 
     @get("/jobs/{job_id:str}", operation_id="getJob")
     async def get_job(self, job_id: str, api: ApiState,
                       authorization: AuthorizationHeader = None) -> Response[dict[str, Any]]:
-        return _job_response(await _visible_job(api, job_id, authorization))
+        return _job_response(api, await _visible_job(api, job_id, authorization))
 
     @get("/jobs/{job_id:str}/images/{index:int}", operation_id="getJobImage",
          media_type="image/png")
     async def get_image(self, job_id: str, index: int, api: ApiState, format: str = "png",
-                        authorization: AuthorizationHeader = None) -> Response[bytes] | File:
-        """The image, PNG by default, with generation metadata in its text chunks."""
+                        authorization: AuthorizationHeader = None) -> Response[bytes] | Stream:
+        """The image, PNG by default (streamed from the artifact store as stored, with
+        generation metadata in its text chunks)."""
         job = await _visible_job(api, job_id, authorization)
         if not 0 <= index < len(job.images):
             raise NotFound(f"job {job_id} has no image {index} (it has {len(job.images)})")
-        path = api.artifacts.final_path(job_id, index)
-        if format == "png":
-            return File(path, media_type="image/png", content_disposition_type="inline")
-        if format not in {"webp", "jpeg"}:
+        if format not in {"png", "webp", "jpeg"}:
             raise ValidationFailed.of("format", "must be png, webp or jpeg", format)
+        key = final_key(job_id, index)
+        try:
+            if format == "png":
+                download = await api.artifacts.open(key)
+                return Stream(download.chunks, media_type="image/png", headers={
+                    "Content-Length": str(download.size), "Content-Disposition": "inline"})
+            image = await asyncio.to_thread(api.artifacts.load, key)
+        except FileNotFoundError:
+            raise NotFound(f"image {index} of job {job_id} is not in the artifact store "
+                           f"(any more)") from None
         buffer = io.BytesIO()
-        image = await asyncio.to_thread(api.artifacts.load, path)
         image.convert("RGB").save(buffer, format=format.upper())
         return Response(buffer.getvalue(), media_type=f"image/{format}")
 

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import redis.asyncio as aioredis
 from litestar.response import ServerSentEventMessage
 
 from controlplane import keys
-from controlplane.jobs import JobStore
+from controlplane.jobs import Job, JobStore
 
 FINAL_EVENTS = frozenset({"completed", "failed", "cancelled"})
 #: the API gives the client of these reads a reply timeout of this plus its usual one
@@ -33,10 +33,12 @@ KEEPALIVE_COMMENT = "keep-alive"
 async def job_event_messages(redis: aioredis.Redis, jobs: JobStore, job_id: str, *,
                              last_event_id: str | None = None,
                              verified_wait_s: float = VERIFIED_WAIT_S,
+                             public: Callable[[Job], dict[str, Any]] = Job.public,
                              ) -> AsyncIterator[ServerSentEventMessage]:
-    """The SSE messages of one job; raises NotFound before the first one if it is unknown."""
+    """The SSE messages of one job; raises NotFound before the first one if it is unknown.
+    ``public`` makes the ``state`` event's body (the API's presigns image URLs)."""
     job = await jobs.get(job_id)
-    return _messages(redis, jobs, job_id, job.public(), last_event_id, verified_wait_s)
+    return _messages(redis, jobs, job_id, public(job), last_event_id, verified_wait_s)
 
 
 async def _messages(redis: aioredis.Redis, jobs: JobStore, job_id: str, state: dict[str, Any],

@@ -8,6 +8,7 @@ queued or not accepted at all, and a route never holds more than ``max_queue`` j
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from opentelemetry.trace import Status, StatusCode
 from PIL import Image
 
 from controlplane import keys, route_counters
-from controlplane.artifacts import ArtifactStore
+from controlplane.artifacts import ArtifactStore, input_key
 from controlplane.circuit import is_open
 from controlplane.errors import FieldError, LanewayError, NoEngine, ValidationFailed
 from controlplane.jobs import (
@@ -111,8 +112,8 @@ class Submitter:
                     if original is not None:
                         span.set_attribute("laneway.idempotent_replay", original.id)
                         return Accepted(original, replayed=True)
-                for name, image in images.items():
-                    self.artifacts.save(self.artifacts.input_path(job_id, name), image)
+                if images:
+                    await self._store_inputs(job_id, images)
                 try:
                     job, admitted = await self._admit(
                         asked, snapshot, job_id, tier, claim, lora,
@@ -160,6 +161,11 @@ class Submitter:
             assert created.full_at is not None
             admitted = await self.admission.when_full(policy, asked, route, tier=tier,
                                                       inflight=created.full_at, seen=seen)
+
+    async def _store_inputs(self, job_id: str, images: dict[str, Image.Image]) -> None:
+        """Store the request's images (in a thread: the store may be across a network)."""
+        for name, image in images.items():
+            await asyncio.to_thread(self.artifacts.save, input_key(job_id, name), image)
 
     def _new_job(self, job_id: str, req: ImageRequest, route: Route,
                  stages: list[StageRecord], admitted: Admitted, *, tenant: str, tier: str,
