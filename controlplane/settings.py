@@ -63,6 +63,10 @@ class Settings(BaseSettings):
                     "URL of the object (an s3:// store only)")
     image_url_ttl_s: int = Field(default=3600, gt=0,
                                  description="API: how long a presigned image URL works")
+    artifact_sweep_interval_s: float = Field(
+        default=60.0, gt=0,
+        description="controller: how often the images and inputs of expired jobs are "
+                    "deleted from the store")
     host: str = "127.0.0.1"
     port: int = 8000
     url: str = Field(default="http://127.0.0.1:8000",

@@ -18,7 +18,7 @@ from opentelemetry.trace import Status, StatusCode
 from PIL import Image
 
 from controlplane import keys, route_counters
-from controlplane.artifacts import ArtifactStore, input_key
+from controlplane.artifacts import ArtifactStore, input_key, job_prefix
 from controlplane.circuit import is_open
 from controlplane.errors import FieldError, LanewayError, NoEngine, ValidationFailed
 from controlplane.jobs import (
@@ -32,6 +32,7 @@ from controlplane.jobs import (
 from controlplane.live_config import LiveConfig, Snapshot
 from controlplane.policy import EngineKind, Mode, Policy, Route, Stage
 from controlplane.registry import Registry
+from controlplane.retention import record_expiry
 from controlplane.telemetry import current_carrier, current_trace_id, tracer
 from controlplane.transitions import Change, Transitions
 from router.admission import AdmissionControl, Admitted, Outcome, record_outcome
@@ -123,6 +124,9 @@ class Submitter:
                 except LanewayError:
                     if claim is not None:
                         await self.idempotency.release(claim)
+                    if images:  # refused: nothing will ever read them
+                        await asyncio.to_thread(self.artifacts.delete_prefix,
+                                                job_prefix(job_id))
                     raise
             except LanewayError as exc:
                 span.set_status(Status(StatusCode.ERROR, exc.message))
@@ -163,7 +167,10 @@ class Submitter:
                                                       inflight=created.full_at, seen=seen)
 
     async def _store_inputs(self, job_id: str, images: dict[str, Image.Image]) -> None:
-        """Store the request's images (in a thread: the store may be across a network)."""
+        """Store the request's images, listed for the sweeper first: if this process dies
+        before the accept, they still go when the job would have expired."""
+        await self.redis.zadd(keys.artifact_expiry(),
+                              {job_id: now_ms() + self.job_ttl_s * 1000})
         for name, image in images.items():
             await asyncio.to_thread(self.artifacts.save, input_key(job_id, name), image)
 
@@ -205,6 +212,7 @@ class Submitter:
         change.event(kind, route=job.route, stage=0, engine=job.stages[0].engine,
                      degraded_from=job.degraded_from)
         route_counters.on_accept(change.effects, job.route)
+        record_expiry(change.effects, job.id, at_ms=now_ms() + self.job_ttl_s * 1000)
         record_outcome(change.effects, route=asked.name, tier=job.request.tier,
                        outcome=admitted.outcome)
         if claim is not None:

@@ -80,7 +80,8 @@ class Router:
         redis = aioredis.Redis.from_url(self.settings.redis_url or "")
         worker = Worker(redis, WorkerOptions(
             name=f"test/cpu/{len(self.workers)}", device="cpu", registry=self.registry,
-            artifacts=open_artifact_store(self.settings.artifacts), job_ttl_s=3600,
+            artifacts=open_artifact_store(self.settings.artifacts),
+            job_ttl_s=self.settings.job_ttl_s,
             engines=frozenset(engines)))
         self.workers.append((worker, asyncio.create_task(worker.run()), redis))
         return worker
