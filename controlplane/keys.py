@@ -150,6 +150,17 @@ def deferral_lock() -> str:
     return f"{PREFIX}:deferred:lock"
 
 
+def artifact_expiry() -> str:
+    """Sorted set: job id -> when (ms) its record expires at the earliest; the sweeper
+    deletes the job's artifacts once that has passed and the record is gone."""
+    return f"{PREFIX}:artifacts:expiry"
+
+
+def artifact_sweeper_lock() -> str:
+    """Held (with expiry) by the one process deleting expired jobs' artifacts."""
+    return f"{PREFIX}:artifacts:sweeper-lock"
+
+
 def circuit(engine: str) -> str:
     """A remote engine's circuit breaker state (hash: state, failures, open_until_s)."""
     return f"{PREFIX}:circuit:{engine}"

@@ -3,7 +3,8 @@ progressing rollout by one step per interval, from the canary analysis.
 
 Pass: next weight step, or promote after the last. Fail: abort (traffic back on stable
 first). Not enough canary samples yet: look again at the next tick. Run it with
-``laneway controller`` (``laneway serve`` starts one); extra copies wait for the lock.
+``laneway controller`` (``laneway serve`` starts one); extra copies wait for the lock. The
+same process runs the artifact sweeper (``controlplane/retention.py``) under its own lease.
 """
 
 from __future__ import annotations
@@ -16,10 +17,13 @@ import time
 import redis.asyncio as aioredis
 
 from controlplane import keys
+from controlplane.artifacts import open_artifact_store
 from controlplane.errors import Conflict
 from controlplane.leases import Lease
+from controlplane.retention import ArtifactSweeper
 from controlplane.rollout_analysis import Outcome, analyse_rollout
 from controlplane.rollouts import Phase, Rollout, RolloutStore, apply_transition
+from controlplane.settings import Settings
 from controlplane.signals import on_stop_signals
 
 log = logging.getLogger("laneway.controller")
@@ -104,16 +108,20 @@ class Controller:
                 await self.release_lock()
 
 
-async def run_controller(redis_url: str) -> None:
-    """Run the loop until SIGTERM/SIGINT."""
+async def run_controller(settings: Settings) -> None:
+    """Run the reconcile loop and the artifact sweeper until SIGTERM/SIGINT."""
     from controlplane.telemetry import setup_tracing, shutdown_tracing
 
+    assert settings.redis_url
     setup_tracing("laneway-controller")
     stop = asyncio.Event()
     on_stop_signals(stop.set)
-    redis = aioredis.Redis.from_url(redis_url)
+    redis = aioredis.Redis.from_url(settings.redis_url)
+    sweeper = ArtifactSweeper(redis, open_artifact_store(settings.artifacts),
+                              interval_s=settings.artifact_sweep_interval_s,
+                              job_ttl_s=settings.job_ttl_s)
     try:
-        await Controller(redis).run(stop)
+        await asyncio.gather(Controller(redis).run(stop), sweeper.run(stop))
     finally:
         await redis.aclose()
         shutdown_tracing()

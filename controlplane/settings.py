@@ -21,9 +21,9 @@ import secrets
 import socket
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from controlplane.errors import FieldError, SettingsError
@@ -58,7 +58,21 @@ class Settings(BaseSettings):
                     "long is refused with 503 no_engine")
     home: Path = Field(default=Path("var"), description="runtime state: pidfiles, AOF, logs")
     registry: Path = Path("registry")
-    artifacts: Path = Path("var/artifacts")
+    artifacts: str = Field(
+        default="var/artifacts",
+        description="image store: a directory, or s3://BUCKET[/PREFIX] (endpoint, keys and "
+                    "region from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
+                    "AWS_REGION)")
+    image_urls: Literal["api", "presigned"] = Field(
+        default="api",
+        description="API: the url of a job's images: the API's own path, or a presigned "
+                    "URL of the object (an s3:// store only)")
+    image_url_ttl_s: int = Field(default=3600, gt=0,
+                                 description="API: how long a presigned image URL works")
+    artifact_sweep_interval_s: float = Field(
+        default=60.0, gt=0,
+        description="controller: how often the images and inputs of expired jobs are "
+                    "deleted from the store")
     host: str = "127.0.0.1"
     port: int = 8000
     url: str = Field(default="http://127.0.0.1:8000",
@@ -137,6 +151,31 @@ class Settings(BaseSettings):
             if any(c in host for c in "/@ \t") or (":" in host and not _is_ipv6(host)):
                 raise ValueError(f"a host name, without scheme, port or path (got {host!r})")
         return tuple(host.lower() for host in hosts)
+
+    @field_validator("artifacts", mode="before")
+    @classmethod
+    def _artifacts_text(cls, value: Any) -> Any:
+        return os.fspath(value) if isinstance(value, os.PathLike) else value
+
+    @field_validator("artifacts")
+    @classmethod
+    def _artifacts_location(cls, value: str) -> str:
+        if not value:
+            raise ValueError("expected a directory or s3://BUCKET[/PREFIX] (got '')")
+        scheme, sep, rest = value.partition("://")
+        if sep and (scheme != "s3" or not rest.split("/")[0]):
+            raise ValueError(f"expected a directory or s3://BUCKET[/PREFIX] (got {value!r})")
+        return value
+
+    @field_validator("image_urls")
+    @classmethod
+    def _presigned_needs_s3(cls, value: str, info: ValidationInfo) -> str:
+        artifacts = info.data.get("artifacts")
+        if value == "presigned" and artifacts is not None and not artifacts.startswith("s3://"):
+            raise ValueError(f"presigned image URLs need an s3:// store, but "
+                             f"LANEWAY_ARTIFACTS is the directory {artifacts!r}; set "
+                             f"LANEWAY_IMAGE_URLS=api or an s3://BUCKET store")
+        return value
 
     @property
     def embedded_dir(self) -> Path:

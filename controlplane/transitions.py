@@ -69,7 +69,7 @@ if ARGV[10] ~= '' then
 end
 local effects = cjson.decode(ARGV[8])
 local allowed = {XADD=1, XACK=1, XDEL=1, INCRBY=1, DECRBY=1, EXPIRE=1, HINCRBY=1,
-                 HINCRBYFLOAT=1, LPUSH=1, LTRIM=1, SET=1, PUBLISH=1}
+                 HINCRBYFLOAT=1, LPUSH=1, LTRIM=1, SET=1, PUBLISH=1, ZADD=1}
 for _, command in ipairs(effects) do
   if not allowed[command[1]] then
     return redis.error_reply('transition: command not allowed: ' .. command[1])
@@ -134,6 +134,10 @@ class Effects:
 
     def publish(self, channel: str, message: object) -> None:
         self._add("PUBLISH", channel, message)
+
+    def zadd(self, key: str, mapping: Mapping[str, int]) -> None:
+        self._add("ZADD", key, *[v for member, score in mapping.items()
+                                 for v in (int(score), member)])
 
     def xack(self, stream: str, group: str, entry_id: bytes | str) -> None:
         self._add("XACK", stream, group, _text(entry_id))

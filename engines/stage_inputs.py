@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from PIL import Image
 
-from controlplane.artifacts import ArtifactStore
+from controlplane.artifacts import ArtifactStore, input_key, stage_key
 from controlplane.jobs import Job
 from controlplane.policy import Policy
 from controlplane.stage_sizes import stage_size, stage_steps
@@ -15,10 +15,10 @@ from engines.base import LoraRef, StageItem, StepCallback
 def load_inputs(job: Job, stage_index: int, artifacts: ArtifactStore) -> list[Image.Image]:
     """The previous stage's outputs, or the request's image for a first stage."""
     if stage_index > 0:
-        return [artifacts.load(artifacts.stage_path(job.id, stage_index - 1, i))
+        return [artifacts.load(stage_key(job.id, stage_index - 1, i))
                 for i in range(job.request.n)]
     if job.request.has_image:
-        return [artifacts.load(artifacts.input_path(job.id, "image"))]
+        return [artifacts.load(input_key(job.id, "image"))]
     return []
 
 
@@ -29,7 +29,7 @@ def build_item(job: Job, policy: Policy, stage_index: int, artifacts: ArtifactSt
     request = job.request
     images = load_inputs(job, stage_index, artifacts)
     width, height = stage_size(job, policy, stage, stage_index, images)
-    mask = artifacts.load(artifacts.input_path(job.id, "mask")) if request.has_mask else None
+    mask = artifacts.load(input_key(job.id, "mask")) if request.has_mask else None
     if mask is not None and images and mask.size != images[0].size:
         mask = mask.resize(images[0].size, Image.Resampling.NEAREST)
     lora = None

@@ -24,7 +24,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 from PIL import Image
 
-from controlplane.artifacts import ArtifactStore
+from controlplane.artifacts import ArtifactStore, final_key, stage_key
 from controlplane.circuit import is_open
 from controlplane.errors import (
     EngineUnavailable,
@@ -379,12 +379,12 @@ class StageRunner:
         job, index, artifacts = work.job, work.entry.message.stage, self.ctx.artifacts
         if index < len(job.stages) - 1:
             for i, image in enumerate(images):
-                artifacts.save(artifacts.stage_path(job.id, index, i), image)
+                artifacts.save(stage_key(job.id, index, i), image)
             return
         versions = {s.engine: {"model": s.model, "version": s.model_version}
                     for s in job.stages if s.model}
         for i, image in enumerate(images):
-            artifacts.save(artifacts.final_path(job.id, i), image, {
+            artifacts.save(final_key(job.id, i), image, {
                 PROVENANCE_CHUNK: json.dumps({
                     "job_id": job.id, "prompt": job.request.prompt,
                     "seed": job.request.seed + i, "model_versions": versions,

@@ -8,7 +8,7 @@ import logging
 import redis.asyncio as aioredis
 import torch
 
-from controlplane.artifacts import ArtifactStore
+from controlplane.artifacts import open_artifact_store
 from controlplane.registry import Registry
 from controlplane.settings import Settings
 from controlplane.signals import on_stop_signals
@@ -22,7 +22,7 @@ async def _serve(settings: Settings, device: str, engines: frozenset[str] | None
     redis = aioredis.Redis.from_url(settings.redis_url, max_connections=128)
     worker = Worker(redis, WorkerOptions(
         name=settings.consumer_name(device), device=device,
-        registry=Registry(settings.registry), artifacts=ArtifactStore(settings.artifacts),
+        registry=Registry(settings.registry), artifacts=open_artifact_store(settings.artifacts),
         job_ttl_s=settings.job_ttl_s, engines=engines,
         drain_timeout_s=settings.drain_timeout_s, redis_url=settings.redis_url,
         max_stages=max_stages, memory_gb=memory_gb or device_memory_gb(device),

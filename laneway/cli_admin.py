@@ -352,7 +352,8 @@ def rollback_cmd(
 
 
 def controller_cmd() -> None:
-    """Run the rollout reconcile loop (one process at a time holds the lock)."""
+    """Run the rollout reconcile loop and the artifact sweeper (one process at a time
+    holds each one's lock)."""
     import asyncio
     import logging
 
@@ -364,7 +365,7 @@ def controller_cmd() -> None:
         raise typer.Exit(EXIT_USAGE)
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s controller %(levelname)s %(message)s")
-    asyncio.run(run_controller(settings.redis_url))
+    asyncio.run(run_controller(settings))
 
 
 def register(app: typer.Typer, policy_app: typer.Typer, models_app: typer.Typer) -> None:

@@ -20,7 +20,7 @@ from litestar import Controller, Request, Response, get, post
 from litestar.connection import ASGIConnection
 from litestar.di import Provide
 from litestar.handlers import BaseRouteHandler
-from litestar.response import File
+from litestar.response import Stream
 from pydantic import BaseModel, ConfigDict, Field
 
 from controlplane import audit
@@ -287,7 +287,7 @@ class AdminController(Controller):
     @get("/jobs/{job_id:str}/images/{index:int}", operation_id="adminJobImage",
          media_type="image/png", responses=ERRORS)
     async def job_image(self, job_id: str, index: int, api: ApiState,
-                        format: str = "png") -> Response[bytes] | File:
+                        format: str = "png") -> Response[bytes] | Stream:
         """A job's image for the admin, whatever its tenant (the console's thumbnails)."""
         return await image_response(api, await api.jobs.get(job_id), index, format)
 

@@ -15,11 +15,12 @@ from litestar.di import Provide
 from litestar.enums import MediaType
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import Parameter
-from litestar.response import File, ServerSentEvent, ServerSentEventMessage
+from litestar.response import ServerSentEvent, ServerSentEventMessage, Stream
+from PIL import Image
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from controlplane.api_models import HealthOut, JobOut, ReadyOut, RoutesOut, StatusOut, strict
-from controlplane.artifacts import ArtifactStore
+from controlplane.artifacts import ArtifactStore, final_key
 from controlplane.errors import FieldError, Forbidden, NotFound, PayloadTooLarge, ValidationFailed
 from controlplane.jobs import Job, JobStore
 from controlplane.live_config import LiveConfig
@@ -79,8 +80,19 @@ async def refuse_large_body(request: Request[Any, Any, Any]) -> None:
         raise PayloadTooLarge(f"request body {reason}", details=[FieldError("body", reason)])
 
 
-def _job_response(job: Job, *, status_code: int = 200) -> Response[JobOut]:
-    return Response(JobOut.of(job), status_code=status_code)
+def public_job(api: ApiState, job: Job) -> JobOut:
+    """The job as clients see it; with ``LANEWAY_IMAGE_URLS=presigned`` each image's
+    ``url`` is a presigned URL of its object, valid for ``image_url_ttl_s``."""
+    body = job.public()
+    if api.settings.image_urls == "presigned":
+        for image in body["images"]:
+            image["url"] = api.artifacts.presigned_url(
+                final_key(job.id, image["index"]), expires_s=api.settings.image_url_ttl_s)
+    return strict(JobOut, body)
+
+
+def _job_response(api: ApiState, job: Job, *, status_code: int = 200) -> Response[JobOut]:
+    return Response(public_job(api, job), status_code=status_code)
 
 
 async def _visible_job(api: ApiState, job_id: str, authorization: str | None) -> Job:
@@ -95,19 +107,31 @@ async def _visible_job(api: ApiState, job_id: str, authorization: str | None) ->
 
 
 async def image_response(api: ApiState, job: Job, index: int,
-                         format: str) -> Response[bytes] | File:
-    """Image ``index`` of ``job``: the stored PNG, or re-encoded as webp or jpeg."""
+                         format: str) -> Response[bytes] | Stream:
+    """Image ``index`` of ``job``: the stored PNG streamed from the artifact store, or
+    re-encoded as webp or jpeg (in a thread)."""
     if not 0 <= index < len(job.images):
         raise NotFound(f"job {job.id} has no image {index} (it has {len(job.images)})")
-    path = api.artifacts.final_path(job.id, index)
-    if format == "png":
-        return File(path, media_type="image/png", content_disposition_type="inline")
-    if format not in {"webp", "jpeg"}:
+    if format not in {"png", "webp", "jpeg"}:
         raise ValidationFailed.of("format", "must be png, webp or jpeg", format)
+    key = final_key(job.id, index)
+    try:
+        if format == "png":
+            download = await api.artifacts.open(key)
+            return Stream(download.chunks, media_type="image/png", headers={
+                "Content-Length": str(download.size), "Content-Disposition": "inline"})
+        image = await asyncio.to_thread(api.artifacts.load, key)
+    except FileNotFoundError:
+        raise NotFound(f"image {index} of job {job.id} is not in the artifact store "
+                       "(any more)") from None
+    return Response(await asyncio.to_thread(_encode, image, format),
+                    media_type=f"image/{format}")
+
+
+def _encode(image: Image.Image, format: str) -> bytes:
     buffer = io.BytesIO()
-    image = await asyncio.to_thread(api.artifacts.load, path)
     image.convert("RGB").save(buffer, format=format.upper())
-    return Response(buffer.getvalue(), media_type=f"image/{format}")
+    return buffer.getvalue()
 
 
 class JobsController(Controller):
@@ -142,7 +166,7 @@ class JobsController(Controller):
                                                         timeout_s=data.wait)
                 except TimeoutError:
                     job = await api.jobs.get(job.id)
-        return Response(JobOut.of(job), status_code=200 if job.status.is_final else 202,
+        return Response(public_job(api, job), status_code=200 if job.status.is_final else 202,
                         headers=headers)
 
     @delete("/jobs/{job_id:str}", operation_id="cancelJob", status_code=200,
@@ -154,7 +178,7 @@ class JobsController(Controller):
         tenant = (authenticate(policy, authorization, secrets=api.secrets)
                   if policy.tenants else None)
         job, _ = await cancel_job(api.jobs, api.submitter.transitions, job_id, tenant=tenant)
-        return _job_response(job)
+        return _job_response(api, job)
 
     @get("/jobs/{job_id:str}/events", operation_id="getJobEvents",
          media_type="text/event-stream", responses=errors(*JOB_ERRORS))
@@ -172,20 +196,22 @@ class JobsController(Controller):
         tenant = job.request.tenant if api.live.snapshot.policy.tenants else None
         messages: AsyncIterator[ServerSentEventMessage] = event_messages(
             api.fanout, api.jobs, job, tenant=tenant, last_event_id=last_event_id,
-            max_duration_s=api.settings.sse_max_duration_s)
+            max_duration_s=api.settings.sse_max_duration_s,
+            public=lambda job: public_job(api, job).model_dump(mode="json"))
         return ServerSentEvent(messages)
 
     @get("/jobs/{job_id:str}", operation_id="getJob", responses=errors(*JOB_ERRORS))
     async def get_job(self, job_id: str, api: ApiState,
                       authorization: AuthorizationHeader = None) -> Response[JobOut]:
-        return _job_response(await _visible_job(api, job_id, authorization))
+        return _job_response(api, await _visible_job(api, job_id, authorization))
 
     @get("/jobs/{job_id:str}/images/{index:int}", operation_id="getJobImage",
          media_type="image/png", responses=errors(*JOB_ERRORS))
     async def get_image(self, job_id: str, index: int, api: ApiState, format: str = "png",
-                        authorization: AuthorizationHeader = None) -> Response[bytes] | File:
-        """The image, PNG by default, with its provenance as JSON in its ``laneway`` text
-        chunk (job, prompt, seed, model versions, policy version, route)."""
+                        authorization: AuthorizationHeader = None) -> Response[bytes] | Stream:
+        """The image, PNG by default (streamed from the artifact store as stored), with its
+        provenance as JSON in its ``laneway`` text chunk (job, prompt, seed, model
+        versions, policy version, route)."""
         job = await _visible_job(api, job_id, authorization)
         return await image_response(api, job, index, format)
 

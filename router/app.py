@@ -11,7 +11,7 @@ from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi import OpenAPIConfig
 from litestar.plugins.opentelemetry import OpenTelemetryConfig, OpenTelemetryPlugin
 
-from controlplane.artifacts import ArtifactStore
+from controlplane.artifacts import open_artifact_store
 from controlplane.errors import LanewayError
 from controlplane.jobs import JobStore
 from controlplane.live_config import LiveConfig
@@ -54,7 +54,7 @@ def create_app(settings: Settings, *, secrets: Mapping[str, str],
                          max_streams_per_tenant=settings.sse_max_streams_per_tenant)
     live = LiveConfig(redis)
     waiters = JobWaiters(redis)
-    artifacts = ArtifactStore(settings.artifacts)
+    artifacts = open_artifact_store(settings.artifacts)
     liveness = EngineLiveness(redis, grace_s=settings.no_engine_grace_s)
     state = ApiState(
         settings=settings,

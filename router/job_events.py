@@ -21,7 +21,7 @@ import json
 import re
 import time
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -74,12 +74,13 @@ def event_messages(fanout: EventFanout, jobs: JobStore, job: Job, *,
                    tenant: str | None = None, last_event_id: str | None = None,
                    verified_wait_s: float = VERIFIED_WAIT_S,
                    max_duration_s: float | None = None,
+                   public: Callable[[Job], Any] = Job.public,
                    ) -> AsyncIterator[ServerSentEventMessage]:
     """The SSE messages of ``job`` (as read now): raises ClientError (400) for a malformed
     ``Last-Event-ID`` and TooManyStreams at a cap of ``fanout``, before the first one."""
     check_last_event_id(last_event_id)
     subscription = fanout.open(job.id, tenant=tenant)
-    messages = _messages(fanout, subscription, jobs, job, last_event_id or "0",
+    messages = _messages(fanout, subscription, jobs, public(job), last_event_id or "0",
                          verified_wait_s, max_duration_s)
     # a response that never starts its body never runs the generator's `finally`
     weakref.finalize(messages, fanout.close, subscription).atexit = False
@@ -87,12 +88,12 @@ def event_messages(fanout: EventFanout, jobs: JobStore, job: Job, *,
 
 
 async def _messages(fanout: EventFanout, subscription: Subscription, jobs: JobStore,
-                    job: Job, cursor: str, verified_wait_s: float,
+                    state: Any, cursor: str, verified_wait_s: float,
                     max_duration_s: float | None) -> AsyncIterator[ServerSentEventMessage]:
     job_id = subscription.job_id
     deadline = time.monotonic() + max_duration_s if max_duration_s is not None else None
     try:
-        yield ServerSentEventMessage(data=json.dumps(job.public()), event="state")
+        yield ServerSentEventMessage(data=json.dumps(state), event="state")
         events = await _read_range(fanout.redis, job_id, after=cursor)
         fanout.follow(subscription, after=events[-1].id if events else cursor)
         ended_at: float | None = None  # when the final event arrived, verification pending

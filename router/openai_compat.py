@@ -28,10 +28,17 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic import ValidationError as PydanticValidationError
 
 from controlplane.api_models import OpenAIErrorBody, OpenAIImagesOut, strict
+from controlplane.artifacts import final_key
 from controlplane.errors import LanewayError, ValidationFailed, shown
 from controlplane.jobs import Job, JobStatus
 from controlplane.policy import Intent
-from router.api import ApiState, AuthorizationHeader, provide_api, refuse_large_body
+from router.api import (
+    ApiState,
+    AuthorizationHeader,
+    provide_api,
+    public_job,
+    refuse_large_body,
+)
 from router.http_errors import (
     INTERNAL_ERROR_MESSAGE,
     REDIS_RETRY_AFTER_S,
@@ -109,10 +116,12 @@ def parse_body(raw: Any) -> ImagesGeneration:
 async def _images(api: ApiState, request: Request[Any, Any, Any], job: Job,
                   response_format: str) -> list[dict[str, str]]:
     if response_format == "url":
+        if api.settings.image_urls == "presigned":
+            return [{"url": image.url} for image in public_job(api, job).images]
         base = str(request.base_url).rstrip("/")
         return [{"url": base + image.url} for image in job.images]
-    paths = [api.artifacts.final_path(job.id, image.index) for image in job.images]
-    blobs = await asyncio.to_thread(lambda: [path.read_bytes() for path in paths])
+    keys = [final_key(job.id, image.index) for image in job.images]
+    blobs = await asyncio.to_thread(lambda: [api.artifacts.get(key) for key in keys])
     return [{"b64_json": base64.b64encode(blob).decode()} for blob in blobs]
 
 

@@ -8,6 +8,7 @@ queued or not accepted at all, and a route never holds more than ``max_queue`` j
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from opentelemetry.trace import Status, StatusCode
 from PIL import Image
 
 from controlplane import keys, route_counters
-from controlplane.artifacts import ArtifactStore
+from controlplane.artifacts import ArtifactStore, input_key, job_prefix
 from controlplane.circuit import is_open
 from controlplane.errors import FieldError, LanewayError, NoEngine, ValidationFailed
 from controlplane.jobs import (
@@ -31,6 +32,7 @@ from controlplane.jobs import (
 from controlplane.live_config import LiveConfig, Snapshot
 from controlplane.policy import EngineKind, Mode, Policy, Route, Stage
 from controlplane.registry import Registry
+from controlplane.retention import record_expiry
 from controlplane.telemetry import current_carrier, current_trace_id, tracer
 from controlplane.transitions import Change, Transitions
 from router.admission import AdmissionControl, Admitted, Outcome, record_outcome
@@ -113,8 +115,8 @@ class Submitter:
                     if original is not None:
                         span.set_attribute("laneway.idempotent_replay", original.id)
                         return Accepted(original, replayed=True)
-                for name, image in images.items():
-                    self.artifacts.save(self.artifacts.input_path(job_id, name), image)
+                if images:
+                    await self._store_inputs(job_id, images)
                 try:
                     job, admitted = await self._admit(
                         asked, snapshot, job_id, tier, claim, lora,
@@ -124,6 +126,9 @@ class Submitter:
                 except LanewayError:
                     if claim is not None:
                         await self.idempotency.release(claim)
+                    if images:  # refused: nothing will ever read them
+                        await asyncio.to_thread(self.artifacts.delete_prefix,
+                                                job_prefix(job_id))
                     raise
             except LanewayError as exc:
                 span.set_status(Status(StatusCode.ERROR, exc.message))
@@ -167,6 +172,14 @@ class Submitter:
             admitted = await self.admission.when_full(policy, asked, route, tier=tier,
                                                       inflight=created.full_at, seen=seen)
 
+    async def _store_inputs(self, job_id: str, images: dict[str, Image.Image]) -> None:
+        """Store the request's images, listed for the sweeper first: if this process dies
+        before the accept, they still go when the job would have expired."""
+        await self.redis.zadd(keys.artifact_expiry(),
+                              {job_id: now_ms() + self.job_ttl_s * 1000})
+        for name, image in images.items():
+            await asyncio.to_thread(self.artifacts.save, input_key(job_id, name), image)
+
     def _new_job(self, job_id: str, req: ImageRequest, route: Route,
                  stages: list[StageRecord], admitted: Admitted, *, tenant: str, tier: str,
                  lora: LoraRequest | None, width: int, height: int) -> Job:
@@ -207,6 +220,7 @@ class Submitter:
         route_counters.on_accept(change.effects, job.route)
         # O(1) per submit; the console's recent jobs list reads it (GET /v1/admin/jobs)
         change.effects.xadd(keys.recent_jobs(), {"job": job.id}, maxlen=RECENT_JOBS_KEPT)
+        record_expiry(change.effects, job.id, at_ms=now_ms() + self.job_ttl_s * 1000)
         record_outcome(change.effects, route=asked.name, tier=job.request.tier,
                        outcome=admitted.outcome)
         if claim is not None:

@@ -1,7 +1,8 @@
-"""Shared fixtures: the bundled Valkey server, a tiny model registry, a running service."""
+"""Shared fixtures: the bundled Valkey server, a SeaweedFS S3 server, a tiny model registry."""
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import torch
 from controlplane.registry import Registry
 from engines.tiny_models import make_tiny
 from laneway.embedded_redis import EmbeddedRedis
+from tests.s3 import SeaweedS3
 from tests.span_collector import SpanCollector
 
 torch.set_num_threads(1)
@@ -51,3 +53,19 @@ def collector() -> Iterator[SpanCollector]:
     spans = SpanCollector()
     yield spans
     spans.close()
+
+
+@pytest.fixture(scope="session")
+def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
+    """One SeaweedFS S3 server for the session (started on first use)."""
+    with SeaweedS3(tmp_path_factory.mktemp("seaweed")) as server:
+        yield server
+
+
+@pytest.fixture
+def s3_location(seaweed: SeaweedS3, monkeypatch: pytest.MonkeyPatch) -> str:
+    """``s3://BUCKET/PREFIX`` with a prefix of the test's own, and the standard ``AWS_*``
+    variables set for the test (an API or worker in this process reads them)."""
+    for name, value in seaweed.environ.items():
+        monkeypatch.setenv(name, value)
+    return f"s3://{seaweed.bucket}/test-{secrets.token_hex(6)}"

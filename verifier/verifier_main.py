@@ -8,7 +8,7 @@ import logging
 
 import redis.asyncio as aioredis
 
-from controlplane.artifacts import ArtifactStore
+from controlplane.artifacts import open_artifact_store
 from controlplane.settings import Settings
 from controlplane.signals import on_stop_signals
 from controlplane.telemetry import setup_tracing, shutdown_tracing
@@ -20,7 +20,8 @@ async def _serve(settings: Settings) -> None:
     assert settings.redis_url
     redis = aioredis.Redis.from_url(settings.redis_url)
     verifier = Verifier(redis, VerifierOptions(
-        name=settings.consumer_name("verifier"), artifacts=ArtifactStore(settings.artifacts),
+        name=settings.consumer_name("verifier"),
+        artifacts=open_artifact_store(settings.artifacts),
         job_ttl_s=settings.job_ttl_s, claim_idle_ms=settings.verify_claim_idle_ms,
     ))
     on_stop_signals(verifier.stop)

@@ -25,7 +25,7 @@ from opentelemetry.trace import SpanKind
 from PIL import Image
 
 from controlplane import keys, route_counters
-from controlplane.artifacts import ArtifactStore
+from controlplane.artifacts import ArtifactStore, final_key
 from controlplane.errors import NotFound
 from controlplane.jobs import Job, JobStatus, JobStore
 from controlplane.policy import Policy, Route, Verify
@@ -214,7 +214,7 @@ class Verifier:
         per_image: list[Verification] = []
         for ref in job.images:
             try:
-                image = artifacts.load(artifacts.final_path(job.id, ref.index)).convert("RGB")
+                image = artifacts.load(final_key(job.id, ref.index)).convert("RGB")
             except OSError as exc:
                 failed = Verification(status=VerificationStatus.failed)
                 return Checked(failed, [*per_image, failed],

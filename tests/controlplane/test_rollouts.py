@@ -9,7 +9,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from controlplane import audit
-from controlplane.artifacts import ArtifactStore
+from controlplane.artifacts import LocalArtifactStore
 from controlplane.deployments import DeploymentStore
 from controlplane.errors import Conflict, ValidationFailed
 from controlplane.jobs import JobStore
@@ -43,7 +43,7 @@ async def test_a_25_percent_canary_gets_about_a_quarter_of_jobs_sticky_per_job(
     await _start(redis, steps=(25.0, 60.0))
     live = LiveConfig(redis)
     await live.reload()  # one snapshot: the deployment at 25 %
-    submitter = Submitter(redis, live, ArtifactStore(tmp_path), 3600)
+    submitter = Submitter(redis, live, LocalArtifactStore(tmp_path), 3600)
     jobs = [(await submitter.submit(ImageRequest(prompt="a lighthouse"))).job
             for _ in range(200)]
     stored = [await JobStore(redis).get(job.id) for job in jobs]

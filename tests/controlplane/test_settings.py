@@ -169,3 +169,27 @@ def test_every_laneway_name_tests_benchmarks_and_ci_set_passes_the_check() -> No
     names = {n for n in names if n + "_" not in RESERVED_PREFIXES}  # the prefixes, spelt
     assert "LANEWAY_REDIS_URL" in names and "LANEWAY_TORCH_SPEC" in names
     assert unknown_variables(dict.fromkeys(names, "x")) == []
+
+
+def test_an_artifact_store_that_is_not_a_directory_or_s3_is_refused(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LANEWAY_ARTIFACTS", "gs://bucket/images")
+    with pytest.raises(SettingsError) as refused:
+        load_settings()
+    (detail,) = refused.value.details
+    assert detail.field == "LANEWAY_ARTIFACTS" and "s3://BUCKET[/PREFIX]" in detail.message
+    monkeypatch.setenv("LANEWAY_ARTIFACTS", "s3://bucket/images")
+    assert load_settings().artifacts == "s3://bucket/images"
+
+
+def test_presigned_urls_with_a_local_store_stop_the_process(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("LANEWAY_ARTIFACTS", str(tmp_path))
+    monkeypatch.setenv("LANEWAY_IMAGE_URLS", "presigned")
+    with pytest.raises(SettingsError) as refused:
+        load_settings()
+    (detail,) = refused.value.details
+    assert detail.field == "LANEWAY_IMAGE_URLS"
+    assert "need an s3:// store" in detail.message and str(tmp_path) in detail.message
+    monkeypatch.setenv("LANEWAY_ARTIFACTS", "s3://bucket")
+    assert load_settings().image_urls == "presigned"

@@ -21,7 +21,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from controlplane import keys
-from controlplane.artifacts import ArtifactStore
+from controlplane.artifacts import LocalArtifactStore
 from controlplane.jobs import Job, JobRequest, JobStatus, JobStore, StageRecord, StageStatus
 from controlplane.live_config import LiveConfig
 from controlplane.policy_loader import parse_policy
@@ -79,7 +79,7 @@ class LosesAReply(aioredis.Connection):
 class Fixture:
     redis: aioredis.Redis   # plain client, for setting up and looking
     lossy: aioredis.Redis   # the client under test
-    artifacts: ArtifactStore
+    artifacts: LocalArtifactStore
 
     async def event_kinds(self, job_id: str) -> list[str]:
         return [f[b"kind"].decode() for _, f in await self.redis.xrange(keys.job_events(job_id))]
@@ -99,7 +99,7 @@ async def fx(redis_url: str, tmp_path: Path) -> AsyncIterator[Fixture]:
     await PolicyStore(redis).apply(POLICY, actor="test", reason="transition tests")
     LosesAReply.armed, LosesAReply.lost, LosesAReply.evalshas = False, 0, 0
     LosesAReply.error = RedisConnectionError
-    yield Fixture(redis, lossy, ArtifactStore(tmp_path / "artifacts"))
+    yield Fixture(redis, lossy, LocalArtifactStore(tmp_path / "artifacts"))
     await lossy.aclose()
     await redis.aclose()
 

@@ -19,7 +19,7 @@ import pytest
 import redis.asyncio as aioredis
 import uvicorn
 
-from controlplane.artifacts import ArtifactStore
+from controlplane.artifacts import open_artifact_store
 from controlplane.policy import Policy, RemoteRules
 from controlplane.registry import Registry
 from controlplane.settings import Settings
@@ -81,8 +81,8 @@ class Router:
         redis = aioredis.Redis.from_url(self.settings.redis_url or "")
         worker = Worker(redis, WorkerOptions(
             name=f"test/cpu/{len(self.workers)}", device="cpu", registry=self.registry,
-            artifacts=ArtifactStore(self.settings.artifacts), job_ttl_s=3600,
-            engines=frozenset(engines), **options))
+            artifacts=open_artifact_store(self.settings.artifacts),
+            job_ttl_s=self.settings.job_ttl_s, engines=frozenset(engines), **options))
         self.workers.append((worker, asyncio.create_task(worker.run()), redis))
         return worker
 
@@ -138,8 +138,8 @@ async def running_router(redis_url: str, policy: Policy, registry: Registry,
 
     ``settings_fields`` override the API's settings (e.g. ``redis_timeout_s``).
     """
-    settings = Settings(redis_url=redis_url, home=home, registry=registry.root,
-                        artifacts=home / "artifacts", **settings_fields)
+    fields = {"artifacts": home / "artifacts", **settings_fields}
+    settings = Settings(redis_url=redis_url, home=home, registry=registry.root, **fields)
     await publish_policy(redis_url, policy, registry,
                          remote=RemoteRules.from_settings(settings))
     server = ApiServer(settings)

@@ -14,7 +14,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from controlplane import keys
-from controlplane.artifacts import ArtifactStore
+from controlplane.artifacts import LocalArtifactStore
 from controlplane.errors import DeferredQueueFull
 from controlplane.live_config import LiveConfig
 from controlplane.policy import Defer, Policy
@@ -96,7 +96,7 @@ async def _deferred_jobs(redis: aioredis.Redis, policy: Policy, tmp_path: Path,
     live = LiveConfig(redis)
     await live.start()
     try:
-        submitter = Submitter(redis, live, ArtifactStore(tmp_path), job_ttl_s=3600)
+        submitter = Submitter(redis, live, LocalArtifactStore(tmp_path), job_ttl_s=3600)
         request = ImageRequest(prompt="later", **BATCH)  # type: ignore[arg-type]
         await submitter.submit(request)
         ids = [(await submitter.submit(request)).job.id for _ in range(count)]
@@ -154,7 +154,7 @@ async def test_a_full_deferred_queue_refuses_in_process_too(
     live = LiveConfig(redis)
     await live.start()
     try:
-        submitter = Submitter(redis, live, ArtifactStore(tmp_path), job_ttl_s=3600)
+        submitter = Submitter(redis, live, LocalArtifactStore(tmp_path), job_ttl_s=3600)
         with pytest.raises(DeferredQueueFull) as refused:
             await submitter.submit(ImageRequest(prompt="later", **BATCH))  # type: ignore[arg-type]
     finally:

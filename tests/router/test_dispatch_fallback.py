@@ -9,7 +9,7 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from controlplane.artifacts import ArtifactStore
+from controlplane.artifacts import LocalArtifactStore
 from controlplane.circuit import CircuitBreaker
 from controlplane.errors import NoEngine
 from controlplane.live_config import LiveConfig
@@ -44,7 +44,7 @@ async def submitter(redis_url: str, tmp_path: Path) -> AsyncIterator[Submitter]:
     await PolicyStore(client).apply(parse_policy(POLICY), actor="test", reason="test")
     live = LiveConfig(client)
     await live.start()
-    yield Submitter(client, live, ArtifactStore(tmp_path), job_ttl_s=60)
+    yield Submitter(client, live, LocalArtifactStore(tmp_path), job_ttl_s=60)
     await live.stop()
     await client.aclose()
 

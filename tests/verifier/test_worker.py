@@ -18,7 +18,7 @@ import redis.asyncio as aioredis
 from PIL import Image, ImageFilter
 
 from controlplane import keys
-from controlplane.artifacts import ArtifactStore
+from controlplane.artifacts import LocalArtifactStore, final_key
 from controlplane.jobs import (
     ImageRef,
     Job,
@@ -56,7 +56,7 @@ VERIFY_TIMEOUT_S = 60
 
 
 class Fixture:
-    def __init__(self, redis: aioredis.Redis, artifacts: ArtifactStore) -> None:
+    def __init__(self, redis: aioredis.Redis, artifacts: LocalArtifactStore) -> None:
         self.redis = redis
         self.artifacts = artifacts
         self.jobs = JobStore(redis)
@@ -78,7 +78,7 @@ class Fixture:
 
     async def complete(self, job: Job, images: list[Image.Image]) -> Job:
         for i, image in enumerate(images):
-            self.artifacts.save(self.artifacts.final_path(job.id, i), image)
+            self.artifacts.save(final_key(job.id, i), image)
 
         def change(j: Job) -> None:
             if j.status is JobStatus.queued:
@@ -131,7 +131,7 @@ class Fixture:
 async def fx(redis_url: str, tmp_path: Path) -> AsyncIterator[Fixture]:
     redis = aioredis.Redis.from_url(redis_url)
     await PolicyStore(redis).apply(POLICY, actor="test", reason="verifier tests")
-    yield Fixture(redis, ArtifactStore(tmp_path / "artifacts"))
+    yield Fixture(redis, LocalArtifactStore(tmp_path / "artifacts"))
     await redis.aclose()
 
 
