@@ -145,7 +145,8 @@ def verify(
     set_ocr_threads(current_settings().ocr_threads)
     if policy is None:
         if route is not None:
-            raise _fail("--route needs --policy: the policy that names the route", EXIT_USAGE)
+            raise _fail(f"--route {route!r} needs --policy: the policy that names the route",
+                        EXIT_USAGE)
         raise typer.Exit(run(image, texts=text or [], verify=Verify(), as_json=as_json))
     try:
         loaded = load_policy(policy)
