@@ -80,7 +80,7 @@ def event_messages(fanout: EventFanout, jobs: JobStore, job: Job, *,
     ``Last-Event-ID`` and TooManyStreams at a cap of ``fanout``, before the first one."""
     check_last_event_id(last_event_id)
     subscription = fanout.open(job.id, tenant=tenant)
-    messages = _messages(fanout, subscription, jobs, public(job), last_event_id or "0",
+    messages = _messages(fanout, subscription, jobs, job, public(job), last_event_id or "0",
                          verified_wait_s, max_duration_s)
     # a response that never starts its body never runs the generator's `finally`
     weakref.finalize(messages, fanout.close, subscription).atexit = False
@@ -88,7 +88,7 @@ def event_messages(fanout: EventFanout, jobs: JobStore, job: Job, *,
 
 
 async def _messages(fanout: EventFanout, subscription: Subscription, jobs: JobStore,
-                    state: Any, cursor: str, verified_wait_s: float,
+                    job: Job, state: Any, cursor: str, verified_wait_s: float,
                     max_duration_s: float | None) -> AsyncIterator[ServerSentEventMessage]:
     job_id = subscription.job_id
     deadline = time.monotonic() + max_duration_s if max_duration_s is not None else None

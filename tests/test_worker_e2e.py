@@ -48,12 +48,17 @@ def redis_of(api: Service) -> redis.Redis:
     return redis.Redis.from_url(bundled_redis_url(api.home))
 
 
+def runs_in(worker_name: str, worker: WorkerProcess) -> bool:
+    """Whether ``worker_name`` (``NODE/DEVICE/PID-RANDOM``) is that process's."""
+    return worker_name.rsplit("/", 1)[-1].split("-", 1)[0] == str(worker.pid)
+
+
 def wait_for_workers(api: Service, *workers: WorkerProcess, timeout_s: float = 60) -> None:
     client = redis_of(api)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         names = {n.decode() for n in client.smembers(keys.workers())}
-        if all(any(n.endswith(f"/{w.pid}") for n in names) for w in workers):
+        if all(any(runs_in(n, w) for n in names) for w in workers):
             return
         time.sleep(0.1)
     raise AssertionError(f"workers {[w.pid for w in workers]} never sent a heartbeat")
@@ -163,7 +168,7 @@ def test_a_killed_worker_s_stage_completes_elsewhere(api: Service) -> None:
         with api.client() as client:
             job = submit(client, intent="auto", prompt='a sign that says "OPEN"')
             running = wait_running(client, job["id"])
-            victim = first if running["stages"][0]["worker"].endswith(f"/{first.pid}") \
+            victim = first if runs_in(running["stages"][0]["worker"], first) \
                 else second
             survivor = second if victim is first else first
             victim.stop(sig=signal.SIGKILL)
@@ -173,7 +178,7 @@ def test_a_killed_worker_s_stage_completes_elsewhere(api: Service) -> None:
     assert done["status"] == "completed", done
     stage = done["stages"][0]
     assert stage["attempts"] == 2
-    assert stage["worker"].endswith(f"/{survivor.pid}")
+    assert runs_in(stage["worker"], survivor)
 
 
 def test_attempts_exhausted_fail_with_the_cause_into_dead_letter(api: Service) -> None:
@@ -211,7 +216,7 @@ def test_sigterm_drains_and_hands_back_what_cannot_finish(api: Service) -> None:
         finally:
             staying.stop()
     assert done["status"] == "completed"
-    assert done["stages"][0]["worker"].endswith(f"/{staying.pid}")
+    assert runs_in(done["stages"][0]["worker"], staying)
 
 
 def sse_events(client: httpx.Client, job_id: str) -> list[tuple[str, dict]]:
@@ -251,7 +256,7 @@ def test_cancel_stops_a_running_stage_and_frees_its_slot(api: Service) -> None:
     finally:
         worker.stop()
     assert done["status"] == "completed"
-    assert done["stages"][0]["worker"].endswith(f"/{worker.pid}")
+    assert runs_in(done["stages"][0]["worker"], worker)
 
 
 def _events(api: Service, job_id: str) -> list[tuple[str, dict]]:

@@ -88,7 +88,7 @@ async def test_a_final_image_is_streamed_from_the_store(router: Router, location
         assert response.content == store.get(final_key(job["id"], image["index"]))
         png = Image.open(io.BytesIO(response.content))
         assert png.size == (32, 32)
-        assert png.info["laneway:job_id"] == job["id"]  # the worker's metadata
+        assert json.loads(png.info["laneway"])["job_id"] == job["id"]  # the worker's provenance
     webp = await router.http.get(f"{job['images'][0]['url']}?format=webp")
     assert webp.status_code == 200 and webp.headers["content-type"] == "image/webp"
     assert Image.open(io.BytesIO(webp.content)).format == "WEBP"
