@@ -18,8 +18,9 @@ every part a pipeline call changes, because slots run their calls at the same ti
 The UNet and text encoders are only read by a call and stay shared.
 
 LoRA adapters are state on the shared modules, so engines sharing weights share one
-:class:`~engines.adapters.AdapterCache` and one :class:`SharedLock`: runs without an adapter
-take it shared and run side by side; runs with an adapter take it exclusively.
+:class:`~engines.adapters.AdapterCache` and one :class:`~engines.shared_lock.SharedLock`:
+runs without an adapter take it shared and run side by side; runs with an adapter take it
+exclusively, in turns, so neither kind starves the other.
 """
 
 from __future__ import annotations
@@ -28,8 +29,7 @@ import abc
 import copy
 import logging
 import threading
-from collections.abc import Callable, Hashable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -43,6 +43,7 @@ from controlplane.policy import EngineSpec
 from controlplane.registry import ModelKind, Registry
 from engines.adapters import LORA_WEIGHT_NAME, AdapterCache, lora_path
 from engines.base import Engine, StageItem
+from engines.shared_lock import SharedLock
 
 #: A diffusers pipeline. LoRA methods and components come from per-family mixins that
 #: ``DiffusionPipeline`` does not declare, so pipelines are typed loosely.
@@ -82,34 +83,6 @@ def check_device_dtype(engine: str, device: str, dtype: str) -> torch.dtype:
     elif kind != "cpu":
         raise ValidationFailed.of(f"engines.{engine}", "unsupported device", device)
     return TORCH_DTYPES[dtype]
-
-
-class SharedLock:
-    """A readers-writer lock: many holders in shared mode, or one in exclusive mode."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._readers = 0
-        self._writer = False
-
-    @contextmanager
-    def hold(self, *, exclusive: bool) -> Iterator[None]:
-        with self._cond:
-            if exclusive:
-                self._cond.wait_for(lambda: not self._writer and self._readers == 0)
-                self._writer = True
-            else:
-                self._cond.wait_for(lambda: not self._writer)
-                self._readers += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                if exclusive:
-                    self._writer = False
-                else:
-                    self._readers -= 1
-                self._cond.notify_all()
 
 
 @dataclass
