@@ -30,6 +30,7 @@ import copy
 import logging
 import threading
 from collections.abc import Callable, Hashable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -85,11 +86,15 @@ def check_device_dtype(engine: str, device: str, dtype: str) -> torch.dtype:
     return TORCH_DTYPES[dtype]
 
 
+WeightsKey = tuple[str, str, str, str | None, str]
+"""``(model, version, dtype, fused adapter, device)``."""
+
+
 @dataclass
 class Loaded:
     """One set of loaded weights and what the engines using it share."""
 
-    key: tuple[str, str, str, str | None, str]
+    key: WeightsKey
     pipe: Pipeline
     lock: SharedLock = field(default_factory=SharedLock)
     users: int = 0
@@ -97,7 +102,10 @@ class Loaded:
     adapters: AdapterCache | None = None
 
 
-_loaded: dict[tuple[str, str, str, str | None, str], Loaded] = {}
+_loaded: dict[WeightsKey, Loaded] = {}
+#: loads in progress: the first caller of a key loads, later callers wait for its result
+_loading: dict[WeightsKey, Future[Loaded]] = {}
+#: guards ``_loaded``, ``_loading`` and users counts; never held while loading
 _loaded_guard = threading.Lock()
 
 
@@ -116,6 +124,10 @@ def acquire(registry: Registry, model: str, version: str, *, kind: ModelKind,
 
     ``fuse_lora`` names a registry LoRA (its latest version) fused into the weights at load
     time; fused weights are a different entry from the plain ones.
+
+    A load holds no lock: callers of other keys, and of weights already loaded, go on.
+    Callers of a key being loaded wait for that load and share its weights, or get its
+    error; a failed load leaves nothing behind, so the next caller loads again.
     """
     manifest = registry.manifest(model, version)
     if manifest.kind != kind:
@@ -127,19 +139,45 @@ def acquire(registry: Registry, model: str, version: str, *, kind: ModelKind,
         if fused_version is None:
             raise RegistryError(f"fuse_lora {fuse_lora}: no version in the registry")
         fused = f"{fuse_lora}/{fused_version}"
-    key = (model, version, str(dtype), fused, device)
+    key: WeightsKey = (model, version, str(dtype), fused, device)
+    while True:
+        with _loaded_guard:
+            entry = _loaded.get(key)
+            if entry is not None:
+                entry.users += 1
+                return entry
+            loading = _loading.get(key)
+            if loading is None:
+                loading = _loading[key] = Future()
+                break
+        # another caller is loading this key; its weights may be freed again before this
+        # thread takes them (their users all closed), so look them up once more
+        loading.result()
+    try:
+        pipe = _load(registry, key, pipeline_class=pipeline_class, dtype=dtype)
+    except BaseException as exc:
+        with _loaded_guard:
+            del _loading[key]
+        loading.set_exception(exc)
+        raise
     with _loaded_guard:
-        entry = _loaded.get(key)
-        if entry is None:
-            quiet()
-            path = registry.verified_path(model, version)
-            pipe = pipeline_class.from_pretrained(path, dtype=dtype, use_safetensors=True)
-            pipe.to(device)
-            if fuse_lora is not None and fused is not None:
-                _fuse(registry, pipe, fuse_lora, fused.split("/", 1)[1], base=model)
-            entry = _loaded[key] = Loaded(key=key, pipe=pipe)
-        entry.users += 1
-        return entry
+        del _loading[key]
+        entry = _loaded[key] = Loaded(key=key, pipe=pipe, users=1)
+    loading.set_result(entry)
+    return entry
+
+
+def _load(registry: Registry, key: WeightsKey, *, pipeline_class: Any,
+          dtype: torch.dtype) -> Pipeline:
+    model, version, _, fused, device = key
+    quiet()
+    path = registry.verified_path(model, version)
+    pipe = pipeline_class.from_pretrained(path, dtype=dtype, use_safetensors=True)
+    pipe.to(device)
+    if fused is not None:
+        adapter, adapter_version = fused.split("/", 1)
+        _fuse(registry, pipe, adapter, adapter_version, base=model)
+    return pipe
 
 
 def release(entry: Loaded) -> None:
