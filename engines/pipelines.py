@@ -188,6 +188,20 @@ def release(entry: Loaded) -> None:
             del _loaded[entry.key]
 
 
+def shared_adapters(entry: Loaded, registry: Registry, *, base_model: str,
+                    capacity: int) -> AdapterCache:
+    """The adapter cache of ``entry``, made by its first engine; the largest capacity holds.
+
+    Engines of one key are built at the same time once its load finishes, so this takes
+    the guard: two caches on one set of weights would each think the modules theirs.
+    """
+    with _loaded_guard:
+        if entry.adapters is None:
+            entry.adapters = AdapterCache(registry, base_model=base_model, capacity=capacity)
+        entry.adapters.capacity = max(entry.adapters.capacity, capacity)
+        return entry.adapters
+
+
 def changed_by_calls(name: str, component: Any) -> bool:
     """Whether a pipeline call changes ``component`` (see the module docstring)."""
     if name.endswith("scheduler") or isinstance(component, transformers.PreTrainedTokenizerBase):
@@ -255,12 +269,8 @@ class DiffusersEngine(Engine):
         self._entry: Loaded | None = acquire(
             registry, spec.model, model_version, kind=self.family, pipeline_class=self.load_class,
             dtype=dtype, device=device, fuse_lora=spec.fuse_lora)
-        if self._entry.adapters is None:
-            self._entry.adapters = AdapterCache(registry, base_model=spec.model,
-                                                capacity=spec.max_loaded_adapters)
-        self.adapters: AdapterCache = self._entry.adapters
-        # engines sharing weights share adapters: the largest capacity asked for holds
-        self.adapters.capacity = max(self.adapters.capacity, spec.max_loaded_adapters)
+        self.adapters: AdapterCache = shared_adapters(
+            self._entry, registry, base_model=spec.model, capacity=spec.max_loaded_adapters)
         self.pipe: Pipeline = view(self._entry, self.view_class)
         if spec.compile:
             # wraps this engine's view only; the shared module stays uncompiled
