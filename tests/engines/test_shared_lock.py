@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import pytest
+from PIL import Image
 
+from engines.base import LoraRef, StageItem
+from engines.pipelines import DiffusersEngine
 from engines.shared_lock import SharedLock
+from tests.engines.conftest import EngineMaker, same
 
 #: a generous bound for a thread that should finish at once; never hit by a working lock
 HANG_S = 30
 READERS = 3
+A = LoraRef("tiny-lora-a", "1")
 
 
 class WaitRecorder(threading.Condition):
@@ -64,59 +68,133 @@ def join(*threads: threading.Thread) -> None:
         assert not thread.is_alive(), f"{thread.name} is stuck"
 
 
-@dataclass
 class Stream:
-    acquisitions: int = 0
-    writer_queued_at: int | None = None
-    writer_granted_at: int | None = None
+    """Shared holders that overlap: each stays until another has come in, so shared holds
+    never drop to zero, unless the lock makes a reader wait (behind a queued exclusive
+    request). Threads named ``reader-*`` hold shared; the one named ``writer`` asks for the
+    lock exclusively once ``writer_asks_at`` shared holds have come in."""
+
+    def __init__(self, lock: SharedLock, *, end: int, writer_asks_at: int) -> None:
+        self.end = end
+        self.writer_asks_at = writer_asks_at
+        self.acquisitions = 0
+        self.writer_queued_at: int | None = None
+        self.writer_granted_at: int | None = None
+        self.state = threading.Condition()
+        self.recorder = WaitRecorder(self.state, self._on_wait)
+        recorded(lock, self.recorder)
+
+    def _on_wait(self, name: str) -> None:
+        if name == "writer" and self.writer_queued_at is None:
+            self.writer_queued_at = self.acquisitions
+
+    def _reader_blocked(self) -> bool:
+        return any(name.startswith("reader") for name in self.recorder.waiting)
+
+    @property
+    def over(self) -> bool:
+        with self.state:
+            return self.acquisitions >= self.end
+
+    def shared_turn(self) -> None:
+        """Called inside a shared hold: count it, and stay until another holder comes in."""
+        with self.state:
+            if self.acquisitions >= self.end:
+                return
+            self.acquisitions += 1
+            mine = self.acquisitions
+            self.state.notify_all()
+            self.state.wait_for(lambda: self.acquisitions > mine or self._reader_blocked()
+                                or self.acquisitions >= self.end, timeout=HANG_S)
+
+    def writer_may_ask(self) -> None:
+        with self.state:
+            self.state.wait_for(lambda: self.acquisitions >= self.writer_asks_at,
+                                timeout=HANG_S)
+
+    def writer_in(self) -> None:
+        """Called inside the exclusive hold."""
+        with self.state:
+            self.writer_granted_at = self.acquisitions
+
+    def assert_writer_got_in_mid_stream(self) -> None:
+        assert self.writer_queued_at is not None and self.writer_granted_at is not None
+        # holders that came in before the writer queued may count after it: at most one each
+        assert self.writer_granted_at - self.writer_queued_at <= READERS, (
+            f"writer queued at acquisition {self.writer_queued_at}, "
+            f"got in at {self.writer_granted_at}")
+        assert self.writer_granted_at < self.acquisitions == self.end  # readers went on
 
 
 def test_a_lora_run_gets_in_while_adapter_less_runs_keep_arriving() -> None:
-    """Shared holders overlap (each leaves only once another has come in), so the lock is
-    never free; an exclusive request made mid-stream still gets in, within a few shared
-    acquisitions of queueing, and the stream goes on after it."""
-    stream_end, writer_asks_at = 300, 20
-    state = threading.Condition()
-    stream = Stream()
-
-    def on_wait(name: str) -> None:
-        if name == "writer" and stream.writer_queued_at is None:
-            stream.writer_queued_at = stream.acquisitions
-
-    recorder = WaitRecorder(state, on_wait)
-    lock = recorded(SharedLock(), recorder)
-
-    def reader_blocked() -> bool:
-        return any(name.startswith("reader") for name in recorder.waiting)
+    """The lock is never free, yet an exclusive request made mid-stream gets in within a
+    few shared acquisitions of queueing, and the stream goes on after it."""
+    lock = SharedLock()
+    stream = Stream(lock, end=300, writer_asks_at=20)
 
     def reader() -> None:
-        while True:
-            with lock.hold(exclusive=False), state:
-                if stream.acquisitions >= stream_end:
-                    return
-                stream.acquisitions += 1
-                mine = stream.acquisitions
-                state.notify_all()
-                # stay until another holder has come in: shared holds never drop to zero,
-                # unless the lock makes a reader wait (behind a queued exclusive request)
-                state.wait_for(lambda mine=mine: stream.acquisitions > mine or reader_blocked()
-                               or stream.acquisitions >= stream_end, timeout=HANG_S)
+        while not stream.over:
+            with lock.hold(exclusive=False):
+                stream.shared_turn()
 
     def writer() -> None:
-        with state:
-            state.wait_for(lambda: stream.acquisitions >= writer_asks_at, timeout=HANG_S)
-        with lock.hold(exclusive=True), state:
-            stream.writer_granted_at = stream.acquisitions
+        stream.writer_may_ask()
+        with lock.hold(exclusive=True):
+            stream.writer_in()
 
     threads = [start(f"reader-{i}", reader) for i in range(READERS)] + [start("writer", writer)]
     join(*threads)
+    stream.assert_writer_got_in_mid_stream()
 
-    assert stream.writer_queued_at is not None and stream.writer_granted_at is not None
-    # holders that came in before the writer queued may count after it: at most one each
-    assert stream.writer_granted_at - stream.writer_queued_at <= READERS, (
-        f"writer queued at acquisition {stream.writer_queued_at}, "
-        f"got in at {stream.writer_granted_at}")
-    assert stream.writer_granted_at < stream.acquisitions == stream_end  # readers went on
+
+def _item(lora: LoraRef | None = None) -> StageItem:
+    return StageItem(job_id="j", prompt="a castle", width=64, height=64, seed=11, lora=lora)
+
+
+def test_an_engine_serves_a_lora_request_among_a_stream_of_plain_ones(
+        make_engine: EngineMaker) -> None:
+    """Slots of one engine (shared weights): three run adapter-less requests back to back,
+    overlapping; a fourth's LoRA request is served mid-stream, and no image is touched by
+    another run's adapter."""
+    slots = [make_engine("diffusers.text2image", "tiny-sdxl", steps=1)
+             for _ in range(READERS + 1)]
+    assert all(isinstance(slot, DiffusersEngine) for slot in slots)
+    [[plain]], [[with_a]] = slots[0].run([_item()]), slots[0].run([_item(A)])
+    lock = slots[0]._entry.lock
+    assert all(slot._entry.lock is lock for slot in slots)
+    stream = Stream(lock, end=24, writer_asks_at=6)
+    images: dict[str, list[Image.Image]] = {}
+
+    def in_hold(slot: DiffusersEngine, turn: Callable[[], None]) -> None:
+        call = slot.call
+
+        def call_in_turn(items: list[StageItem]) -> list[list[Image.Image]]:
+            turn()  # inside the lock, as the pipeline call is
+            return call(items)
+
+        slot.call = call_in_turn  # type: ignore[method-assign]
+
+    def plain_slot(slot: DiffusersEngine) -> Callable[[], None]:
+        in_hold(slot, stream.shared_turn)
+
+        def serve() -> None:
+            while not stream.over:
+                [[image]] = slot.run([_item()])
+                images.setdefault("plain", []).append(image)
+        return serve
+
+    def lora_slot() -> None:
+        in_hold(slots[-1], stream.writer_in)
+        stream.writer_may_ask()
+        [[image]] = slots[-1].run([_item(A)])
+        images["lora"] = [image]
+
+    threads = ([start(f"reader-{i}", plain_slot(slot)) for i, slot in enumerate(slots[:-1])]
+               + [start("writer", lora_slot)])
+    join(*threads)
+    stream.assert_writer_got_in_mid_stream()
+    assert same(images["lora"][0], with_a)
+    assert len(images["plain"]) >= stream.end and all(same(im, plain) for im in images["plain"])
 
 
 def test_waiters_go_in_turns_and_shared_waiters_of_one_turn_together() -> None:
