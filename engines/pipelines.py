@@ -18,8 +18,9 @@ every part a pipeline call changes, because slots run their calls at the same ti
 The UNet and text encoders are only read by a call and stay shared.
 
 LoRA adapters are state on the shared modules, so engines sharing weights share one
-:class:`~engines.adapters.AdapterCache` and one :class:`SharedLock`: runs without an adapter
-take it shared and run side by side; runs with an adapter take it exclusively.
+:class:`~engines.adapters.AdapterCache` and one :class:`~engines.shared_lock.SharedLock`:
+runs without an adapter take it shared and run side by side; runs with an adapter take it
+exclusively, in turns, so neither kind starves the other.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ import abc
 import copy
 import logging
 import threading
-from collections.abc import Callable, Hashable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Hashable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -43,6 +44,7 @@ from controlplane.policy import EngineSpec
 from controlplane.registry import ModelKind, Registry
 from engines.adapters import LORA_WEIGHT_NAME, AdapterCache, lora_path
 from engines.base import Engine, StageItem
+from engines.shared_lock import SharedLock
 
 #: A diffusers pipeline. LoRA methods and components come from per-family mixins that
 #: ``DiffusionPipeline`` does not declare, so pipelines are typed loosely.
@@ -84,39 +86,15 @@ def check_device_dtype(engine: str, device: str, dtype: str) -> torch.dtype:
     return TORCH_DTYPES[dtype]
 
 
-class SharedLock:
-    """A readers-writer lock: many holders in shared mode, or one in exclusive mode."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._readers = 0
-        self._writer = False
-
-    @contextmanager
-    def hold(self, *, exclusive: bool) -> Iterator[None]:
-        with self._cond:
-            if exclusive:
-                self._cond.wait_for(lambda: not self._writer and self._readers == 0)
-                self._writer = True
-            else:
-                self._cond.wait_for(lambda: not self._writer)
-                self._readers += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                if exclusive:
-                    self._writer = False
-                else:
-                    self._readers -= 1
-                self._cond.notify_all()
+WeightsKey = tuple[str, str, str, str | None, str]
+"""``(model, version, dtype, fused adapter, device)``."""
 
 
 @dataclass
 class Loaded:
     """One set of loaded weights and what the engines using it share."""
 
-    key: tuple[str, str, str, str | None, str]
+    key: WeightsKey
     pipe: Pipeline
     lock: SharedLock = field(default_factory=SharedLock)
     users: int = 0
@@ -124,7 +102,10 @@ class Loaded:
     adapters: AdapterCache | None = None
 
 
-_loaded: dict[tuple[str, str, str, str | None, str], Loaded] = {}
+_loaded: dict[WeightsKey, Loaded] = {}
+#: loads in progress: the first caller of a key loads, later callers wait for its result
+_loading: dict[WeightsKey, Future[Loaded]] = {}
+#: guards ``_loaded``, ``_loading`` and users counts; never held while loading
 _loaded_guard = threading.Lock()
 
 
@@ -143,6 +124,10 @@ def acquire(registry: Registry, model: str, version: str, *, kind: ModelKind,
 
     ``fuse_lora`` names a registry LoRA (its latest version) fused into the weights at load
     time; fused weights are a different entry from the plain ones.
+
+    A load holds no lock: callers of other keys, and of weights already loaded, go on.
+    Callers of a key being loaded wait for that load and share its weights, or get its
+    error; a failed load leaves nothing behind, so the next caller loads again.
     """
     manifest = registry.manifest(model, version)
     if manifest.kind != kind:
@@ -154,19 +139,45 @@ def acquire(registry: Registry, model: str, version: str, *, kind: ModelKind,
         if fused_version is None:
             raise RegistryError(f"fuse_lora {fuse_lora}: no version in the registry")
         fused = f"{fuse_lora}/{fused_version}"
-    key = (model, version, str(dtype), fused, device)
+    key: WeightsKey = (model, version, str(dtype), fused, device)
+    while True:
+        with _loaded_guard:
+            entry = _loaded.get(key)
+            if entry is not None:
+                entry.users += 1
+                return entry
+            loading = _loading.get(key)
+            if loading is None:
+                loading = _loading[key] = Future()
+                break
+        # another caller is loading this key; its weights may be freed again before this
+        # thread takes them (their users all closed), so look them up once more
+        loading.result()
+    try:
+        pipe = _load(registry, key, pipeline_class=pipeline_class, dtype=dtype)
+    except BaseException as exc:
+        with _loaded_guard:
+            del _loading[key]
+        loading.set_exception(exc)
+        raise
     with _loaded_guard:
-        entry = _loaded.get(key)
-        if entry is None:
-            quiet()
-            path = registry.verified_path(model, version)
-            pipe = pipeline_class.from_pretrained(path, dtype=dtype, use_safetensors=True)
-            pipe.to(device)
-            if fuse_lora is not None and fused is not None:
-                _fuse(registry, pipe, fuse_lora, fused.split("/", 1)[1], base=model)
-            entry = _loaded[key] = Loaded(key=key, pipe=pipe)
-        entry.users += 1
-        return entry
+        del _loading[key]
+        entry = _loaded[key] = Loaded(key=key, pipe=pipe, users=1)
+    loading.set_result(entry)
+    return entry
+
+
+def _load(registry: Registry, key: WeightsKey, *, pipeline_class: Any,
+          dtype: torch.dtype) -> Pipeline:
+    model, version, _, fused, device = key
+    quiet()
+    path = registry.verified_path(model, version)
+    pipe = pipeline_class.from_pretrained(path, dtype=dtype, use_safetensors=True)
+    pipe.to(device)
+    if fused is not None:
+        adapter, adapter_version = fused.split("/", 1)
+        _fuse(registry, pipe, adapter, adapter_version, base=model)
+    return pipe
 
 
 def release(entry: Loaded) -> None:
@@ -175,6 +186,20 @@ def release(entry: Loaded) -> None:
         entry.users -= 1
         if entry.users <= 0 and _loaded.get(entry.key) is entry:
             del _loaded[entry.key]
+
+
+def shared_adapters(entry: Loaded, registry: Registry, *, base_model: str,
+                    capacity: int) -> AdapterCache:
+    """The adapter cache of ``entry``, made by its first engine; the largest capacity holds.
+
+    Engines of one key are built at the same time once its load finishes, so this takes
+    the guard: two caches on one set of weights would each think the modules theirs.
+    """
+    with _loaded_guard:
+        if entry.adapters is None:
+            entry.adapters = AdapterCache(registry, base_model=base_model, capacity=capacity)
+        entry.adapters.capacity = max(entry.adapters.capacity, capacity)
+        return entry.adapters
 
 
 def changed_by_calls(name: str, component: Any) -> bool:
@@ -244,12 +269,8 @@ class DiffusersEngine(Engine):
         self._entry: Loaded | None = acquire(
             registry, spec.model, model_version, kind=self.family, pipeline_class=self.load_class,
             dtype=dtype, device=device, fuse_lora=spec.fuse_lora)
-        if self._entry.adapters is None:
-            self._entry.adapters = AdapterCache(registry, base_model=spec.model,
-                                                capacity=spec.max_loaded_adapters)
-        self.adapters: AdapterCache = self._entry.adapters
-        # engines sharing weights share adapters: the largest capacity asked for holds
-        self.adapters.capacity = max(self.adapters.capacity, spec.max_loaded_adapters)
+        self.adapters: AdapterCache = shared_adapters(
+            self._entry, registry, base_model=spec.model, capacity=spec.max_loaded_adapters)
         self.pipe: Pipeline = view(self._entry, self.view_class)
         if spec.compile:
             # wraps this engine's view only; the shared module stays uncompiled
