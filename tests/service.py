@@ -88,7 +88,11 @@ class Service:
              "--port", str(self.port), *self.extra_args],
             env=self.env(), stdout=log, stderr=subprocess.STDOUT,
         )
-        self.wait_ready()
+        try:
+            self.wait_ready()
+        except BaseException:  # a service that never became ready is stopped, not leaked
+            self.stop(timeout_s=30)
+            raise
         return self
 
     def wait_ready(self) -> None:
