@@ -42,6 +42,10 @@ def policy_versions() -> str:
     return f"{PREFIX}:policy:versions"
 
 
+#: a worker whose last heartbeat (``heartbeat_at`` of its hash) is older than this is gone
+WORKER_STALE_S = 10.0
+
+
 def worker_heartbeat(worker: str) -> str:
     return f"{PREFIX}:worker:{worker}"
 

@@ -14,6 +14,7 @@ from looking abandoned, and :meth:`LaneReader.release_held` puts them back on st
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -182,7 +183,8 @@ class LaneReader:
     async def forget_gone_consumers(self, engine: str, tiers: list[str], *,
                                     min_idle_ms: int) -> list[str]:
         """Delete from the lanes' groups the consumers of workers that are gone: nothing
-        pending (their entries were claimed), idle for ``min_idle_ms`` and no heartbeat."""
+        pending (their entries were claimed), idle for ``min_idle_ms`` and no heartbeat
+        within ``keys.WORKER_STALE_S``."""
         gone = []
         for tier in tiers:
             stream = keys.engine_stream(engine, tier)
@@ -198,11 +200,17 @@ class LaneReader:
                 name = name.decode() if isinstance(name, bytes) else str(name)
                 if (name == self.consumer or int(consumer["pending"])
                         or int(consumer["idle"]) < min_idle_ms
-                        or await self.redis.exists(keys.worker_heartbeat(name))):
+                        or await self._beats(name)):
                     continue
                 await self.redis.xgroup_delconsumer(stream, keys.ENGINE_GROUP, name)
                 gone.append(name)
         return gone
+
+
+    async def _beats(self, worker: str) -> bool:
+        """Whether ``worker`` sent a heartbeat within ``keys.WORKER_STALE_S``."""
+        beat: Any = await self.redis.hget(keys.worker_heartbeat(worker), "heartbeat_at")
+        return beat is not None and time.time() - float(beat) <= keys.WORKER_STALE_S
 
 
 def _entries(reply: list | None, tier: str) -> list[Entry]:

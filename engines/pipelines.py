@@ -107,6 +107,8 @@ _loaded: dict[WeightsKey, Loaded] = {}
 _loading: dict[WeightsKey, Future[Loaded]] = {}
 #: guards ``_loaded``, ``_loading`` and users counts; never held while loading
 _loaded_guard = threading.Lock()
+#: held by the one load in progress (never by a lookup, a release or a serving slot)
+_one_load_at_a_time = threading.Lock()
 
 
 def quiet() -> None:
@@ -125,9 +127,13 @@ def acquire(registry: Registry, model: str, version: str, *, kind: ModelKind,
     ``fuse_lora`` names a registry LoRA (its latest version) fused into the weights at load
     time; fused weights are a different entry from the plain ones.
 
-    A load holds no lock: callers of other keys, and of weights already loaded, go on.
-    Callers of a key being loaded wait for that load and share its weights, or get its
-    error; a failed load leaves nothing behind, so the next caller loads again.
+    A load holds no lock that serving slots need: callers of weights already loaded, and
+    engines closing, go on. Loads themselves run one at a time (``_one_load_at_a_time``):
+    diffusers builds modules on the meta device by patching torch globally
+    (accelerate's ``init_empty_weights``), so two loads at once can leave meta tensors
+    ("Cannot copy out of meta tensor"). Callers of a key being loaded wait for that load
+    and share its weights, or get its error; a failed load leaves nothing behind, so the
+    next caller loads again.
     """
     manifest = registry.manifest(model, version)
     if manifest.kind != kind:
@@ -172,11 +178,12 @@ def _load(registry: Registry, key: WeightsKey, *, pipeline_class: Any,
     model, version, _, fused, device = key
     quiet()
     path = registry.verified_path(model, version)
-    pipe = pipeline_class.from_pretrained(path, dtype=dtype, use_safetensors=True)
-    pipe.to(device)
-    if fused is not None:
-        adapter, adapter_version = fused.split("/", 1)
-        _fuse(registry, pipe, adapter, adapter_version, base=model)
+    with _one_load_at_a_time:
+        pipe = pipeline_class.from_pretrained(path, dtype=dtype, use_safetensors=True)
+        pipe.to(device)
+        if fused is not None:
+            adapter, adapter_version = fused.split("/", 1)
+            _fuse(registry, pipe, adapter, adapter_version, base=model)
     return pipe
 
 

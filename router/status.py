@@ -18,12 +18,11 @@ from controlplane.live_config import Snapshot
 from controlplane.policy import Policy
 from controlplane.rollouts import RolloutStore
 
-WORKER_STALE_S = 10.0
-
 
 async def live_workers(redis: aioredis.Redis, *, now_s: float | None = None
                        ) -> list[dict[str, Any]]:
-    """Heartbeats of workers seen within WORKER_STALE_S (string fields, as stored)."""
+    """Heartbeats of workers seen within ``keys.WORKER_STALE_S`` (string fields, as
+    stored)."""
     now_s = time.time() if now_s is None else now_s
     names: Any = await redis.smembers(keys.workers())
     if not names:
@@ -37,7 +36,7 @@ async def live_workers(redis: aioredis.Redis, *, now_s: float | None = None
         if not row:
             continue
         info = {k.decode(): v.decode() for k, v in row.items()}
-        if now_s - float(info.get("heartbeat_at", 0)) <= WORKER_STALE_S:
+        if now_s - float(info.get("heartbeat_at", 0)) <= keys.WORKER_STALE_S:
             out.append(info)
     return sorted(out, key=lambda w: w.get("name", ""))
 

@@ -155,8 +155,8 @@ class WorkerProcess:
 
     def start(self) -> WorkerProcess:
         env = self.service.env()
-        env.update({"LANEWAY_REDIS_URL": bundled_redis_url(self.service.home),
-                    **self.extra_env})
+        url = self.extra_env.get("LANEWAY_REDIS_URL") or bundled_redis_url(self.service.home)
+        env.update({"LANEWAY_REDIS_URL": url, **self.extra_env})
         log = (self.service.home / "workers.log").open("ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "laneway.cli", "worker", "--engines", self.engines],

@@ -94,7 +94,10 @@ async def test_a_gone_workers_consumer_is_removed_once_its_entries_are_claimed(
     await alive.ensure_groups("eng", list(weights))
     await _fill(redis, "eng", "standard", 1)
     await dead.take("eng", weights)
-    await redis.hset(keys.worker_heartbeat("alive"), "name", "alive")
+    await redis.hset(keys.worker_heartbeat("alive"), "heartbeat_at", f"{time.time():.3f}")
+    # the dead one's last heartbeat is past keys.WORKER_STALE_S (its key lingers 30 s)
+    await redis.hset(keys.worker_heartbeat("dead"), "heartbeat_at",
+                     f"{time.time() - keys.WORKER_STALE_S - 1:.3f}")
 
     async def consumers() -> set[str]:
         return {c["name"].decode() if isinstance(c["name"], bytes) else c["name"]

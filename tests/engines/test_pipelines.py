@@ -135,7 +135,7 @@ class InThread:
         return self.result
 
 
-def test_a_slow_load_blocks_neither_loaded_weights_nor_another_keys_load(
+def test_a_slow_load_blocks_no_loaded_weights_and_loads_take_turns(
         loads: Loads, get: Acquire) -> None:
     warm = get(torch.float16)
     slow = loads.slow[torch.float32] = SlowLoad()
@@ -143,12 +143,15 @@ def test_a_slow_load_blocks_neither_loaded_weights_nor_another_keys_load(
     assert slow.started.wait(timeout=HANG_S)
 
     again = get(torch.float16)  # weights already loaded
-    other = get(torch.bfloat16)  # another key, loaded now
     release(again)  # a closing engine
+    # another key's load waits its turn (diffusers' meta-device set-up is process-wide)
+    other_loading = InThread(lambda: get(torch.bfloat16))
+    assert loads.calls == [torch.float16, torch.float32]
     slow.proceed.set()
-    slow_entry = loading.join()
+    slow_entry, other = loading.join(), other_loading.join()
 
-    assert slow.let_go == [True], "the other calls waited for the slow load"
+    assert slow.let_go == [True], "the calls on loaded weights waited for the slow load"
+    assert loads.calls == [torch.float16, torch.float32, torch.bfloat16]
     assert again is warm and other.pipe.dtype == torch.bfloat16
     assert slow_entry.pipe.dtype == torch.float32
     for entry in (warm, other, slow_entry):

@@ -53,7 +53,7 @@ async def test_server_restart_between_submit_and_dispatch_loses_no_job(
         for job_id in (draft["id"], final["id"]):
             while (job := await jobs.get(job_id)).status is not JobStatus.completed:
                 assert worker.poll() is None, worker.stderr.read().decode()[-2000:]  # type: ignore[union-attr]
-                assert time.monotonic() < deadline, job
+                assert time.monotonic() < deadline, (job.error, job.stages)
                 await asyncio.sleep(0.1)
             assert job.stages[0].attempts == 1 and len(job.images) == 1
         assert await redis.get(keys.route_inflight("fast_draft")) == b"0"
