@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_a_short_soak_loses_nothing(tmp_path: Path) -> None:
-    config = SoakConfig(duration_s=45, seed=11, clients=3, gap_s=(4.0, 6.0), stop_s=(2.0, 4.0))
+    config = SoakConfig(duration_s=40, seed=11, clients=3, gap_s=(2.5, 3.5), stop_s=(2.0, 3.0))
     figures = soak(config, tmp_path)
     assert set(figures["faults"]) == set(FAULTS), figures["faults"]
     assert figures["accepted"] > 20, figures
