@@ -260,6 +260,8 @@ class Soak:
         url = rng.choice(self.urls) + f"/v1/jobs/{job_id}/events"
         try:
             with http.stream("GET", url, timeout=15) as response:
+                if response.status_code >= 400:
+                    response.read()  # a refusal is a body, not a stream
                 self.tally.saw(response)
                 for line in response.iter_lines():
                     if line.startswith("event:") and line.split(":", 1)[1].strip() in {
