@@ -7,6 +7,7 @@ in force stays the last good one.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
@@ -35,7 +36,7 @@ async def put_in_force(redis: aioredis.Redis, policy: Policy, registry: Registry
     ``remote`` holds the operator's rules for remote engines (from this process's
     settings); every way into force passes here, a rollback to an older policy included.
     """
-    missing = check_models(policy, set(registry.models()))
+    missing = check_models(policy, set(await asyncio.to_thread(registry.models)))
     if missing:
         raise PolicyError(f"the policy names models that are not in the registry "
                           f"{registry.root}", details=missing)
@@ -48,7 +49,7 @@ async def put_in_force(redis: aioredis.Redis, policy: Policy, registry: Registry
     deployments = DeploymentStore(redis)
     for spec in policy.engines.values():
         if spec.is_local_model and spec.model:
-            latest = registry.latest_version(spec.model)
+            latest = await asyncio.to_thread(registry.latest_version, spec.model)
             if latest is not None:
                 await deployments.ensure_stable(spec.model, latest)
     changed = await store.apply(policy, actor=actor, reason=reason)

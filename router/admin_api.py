@@ -124,6 +124,12 @@ _ACTION_PHASE: dict[str, Phase] = {"promote": Phase.promoted, "pause": Phase.pau
                                    "resume": Phase.progressing, "abort": Phase.aborted}
 
 
+def _registered(registry: Registry) -> list[tuple[str, str, ModelKind]]:
+    """(model, version, kind) of every registered version; reads the disk (call in a thread)."""
+    return [(model, version, registry.manifest(model, version).kind)
+            for model in registry.models() for version in registry.versions(model)]
+
+
 def _register(registry: Registry, req: RegisterRequest) -> RegisteredModelOut:
     """Verify a source that carries its own manifest, then copy it in (blocking)."""
     source = Path(req.path)
@@ -190,7 +196,7 @@ class AdminController(Controller):
     async def start(self, request: Request[Any, Any, Any], data: RolloutRequest,
                     api: ApiState) -> RolloutOut:
         registry = Registry(api.settings.registry)
-        if data.version not in registry.versions(data.model):
+        if data.version not in await asyncio.to_thread(registry.versions, data.model):
             raise ValidationFailed.of("version", f"is not a registered version of "
                                       f"{data.model}", data.version)
         rollout = await start_rollout(
@@ -236,7 +242,8 @@ class AdminController(Controller):
         result = await rollback_model(
             api.redis, model, actor=actor_of(request), reason=data.reason or "on-call rollback",
             now_s=time.time(), to=data.to,
-            known_versions=Registry(api.settings.registry).versions(model))
+            known_versions=await asyncio.to_thread(Registry(api.settings.registry).versions,
+                                                   model))
         if result.changed:
             await api.live.reload()
         return strict(ModelRollbackOut, asdict(result) | {"message": result.message})
@@ -244,21 +251,19 @@ class AdminController(Controller):
     @get("/models", operation_id="adminListModels", responses=ERRORS)
     async def models(self, api: ApiState) -> list[ModelVersionOut]:
         """Every registered version with its role: stable, canary (with weight) or idle."""
-        registry = Registry(api.settings.registry)
+        registered = await asyncio.to_thread(_registered, Registry(api.settings.registry))
         deployments = await DeploymentStore(api.redis).all()
         rows = []
-        for model in registry.models():
+        for model, version, kind in registered:
             deployment = deployments.get(model)
-            for version in registry.versions(model):
-                role, weight = "", 0.0
-                if deployment and version == deployment.stable:
-                    role = "stable"
-                    weight = 100.0 - (deployment.canary_weight if deployment.canary else 0.0)
-                elif deployment and version == deployment.canary:
-                    role, weight = "canary", deployment.canary_weight
-                rows.append(ModelVersionOut(
-                    model=model, version=version, role=role, weight=weight,
-                    kind=registry.manifest(model, version).kind))
+            role, weight = "", 0.0
+            if deployment and version == deployment.stable:
+                role = "stable"
+                weight = 100.0 - (deployment.canary_weight if deployment.canary else 0.0)
+            elif deployment and version == deployment.canary:
+                role, weight = "canary", deployment.canary_weight
+            rows.append(ModelVersionOut(model=model, version=version, role=role,
+                                        weight=weight, kind=kind))
         return rows
 
     @post("/models", operation_id="adminRegisterModel", status_code=201, responses=ERRORS)

@@ -51,6 +51,11 @@ LORA_KINDS = frozenset({EngineKind.text2image, EngineKind.image2image, EngineKin
 RECENT_JOBS_KEPT = 1000
 
 
+def _has_inputs(req: ImageRequest) -> bool:
+    """Whether the request carries images that its mode reads."""
+    return req.mode is not Mode.txt2img and (req.image is not None or req.mask is not None)
+
+
 def new_job_id() -> str:
     return "j_" + secrets.token_hex(10)
 
@@ -93,8 +98,11 @@ class Submitter:
         snapshot = self.live.snapshot
         policy = snapshot.policy
         errors = check_against_policy(req, policy)
-        images = self._decode_inputs(req, snapshot, errors)
-        lora = self._resolve_lora(req, errors)
+        # decoding images and reading the registry are CPU and disk work: off the event loop
+        images = (await asyncio.to_thread(self._decode_inputs, req, snapshot, errors)
+                  if _has_inputs(req) else {})
+        lora, lora_base = (await asyncio.to_thread(self._resolve_lora, req, errors)
+                           if req.lora is not None else (None, None))
         raise_if_any(errors)
 
         tier = req.tier or policy.default_tier
@@ -119,7 +127,7 @@ class Submitter:
                     await self._store_inputs(job_id, images)
                 try:
                     job, admitted = await self._admit(
-                        asked, snapshot, job_id, tier, claim, lora,
+                        asked, snapshot, job_id, tier, claim, lora, lora_base,
                         lambda route, stages, admitted: self._new_job(
                             job_id, req, route, stages, admitted, tenant=tenant, tier=tier,
                             lora=lora, width=width, height=height))
@@ -142,7 +150,7 @@ class Submitter:
         return Accepted(job)
 
     async def _admit(self, asked: Route, snapshot: Snapshot, job_id: str, tier: str,
-                     claim: Claim | None, lora: LoraRequest | None,
+                     claim: Claim | None, lora: LoraRequest | None, lora_base: str | None,
                      make_job: Callable[[Route, list[StageRecord], Admitted], Job],
                      ) -> tuple[Job, Admitted]:
         """Accept the job on ``asked``, or where its ``on_full`` sends it when it is full.
@@ -154,7 +162,7 @@ class Submitter:
         admitted, seen = Admitted(asked, Outcome.accepted), {asked.name}
         while True:
             route = admitted.route
-            self._check_lora_base(lora, route, policy)
+            self._check_lora_base(lora, lora_base, route, policy)
             job = make_job(route, await self._stage_records(route, snapshot, job_id), admitted)
             with _tracer.start_as_current_span("laneway.enqueue") as span:
                 span.set_attribute("laneway.stream", keys.deferred_stream() if admitted.deferred
@@ -228,24 +236,25 @@ class Submitter:
         return change
 
     def _resolve_lora(self, req: ImageRequest, errors: list[FieldError]
-                      ) -> LoraRequest | None:
-        """The adapter a request names, at its latest registry version (422 when unknown)."""
-        if req.lora is None:
-            return None
+                      ) -> tuple[LoraRequest | None, str | None]:
+        """The adapter a request names, at its latest registry version, and the base model
+        it was made for (an error when unknown). Reads the registry: call it in a thread."""
+        assert req.lora is not None
         versions = self.registry.versions(req.lora.id) if self.registry else []
-        kinds = {self.registry.manifest(req.lora.id, v).kind for v in versions} \
-            if self.registry else set()
-        if not versions or kinds != {"lora"}:
+        manifests = [self.registry.manifest(req.lora.id, v) for v in versions] \
+            if self.registry else []
+        if not manifests or {m.kind for m in manifests} != {"lora"}:
             errors.append(FieldError("lora.id", "is not a LoRA adapter in the registry",
                                      req.lora.id))
-            return None
-        return LoraRequest(id=req.lora.id, version=versions[-1], scale=req.lora.scale)
+            return None, None
+        return (LoraRequest(id=req.lora.id, version=versions[-1], scale=req.lora.scale),
+                manifests[-1].base_model)
 
-    def _check_lora_base(self, lora: LoraRequest | None, route: Route, policy: Policy) -> None:
+    def _check_lora_base(self, lora: LoraRequest | None, base: str | None, route: Route,
+                         policy: Policy) -> None:
         """An adapter must be made for the model of every diffusion stage of its route."""
-        if lora is None or self.registry is None:
+        if lora is None:
             return
-        base = self.registry.manifest(lora.id, lora.version).base_model
         for stage in route.stages:
             spec = policy.engines[stage.engine]
             if spec.kind in LORA_KINDS and spec.model != base:
