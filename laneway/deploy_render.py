@@ -40,8 +40,8 @@ from controlplane.policy import DEVICE_KINDS, DIFFUSERS_KINDS, EngineKind, Polic
 
 __all__ = [
     "DEFAULT_IMAGE", "DEFAULT_MAX_REPLICAS", "DEFAULT_REDIS_ADDRESS", "NAMESPACE",
-    "PROBE_PORT", "Pool", "RenderOptions", "lane_streams", "parse_address", "render", "worker_pools",
-    "write",
+    "PROBE_PORT", "Pool", "RenderOptions", "lane_streams", "parse_address", "render",
+    "worker_pools", "write",
 ]
 
 NAMESPACE = "laneway"  # the base's namespace (deploy/k8s/kustomization.yaml)
