@@ -25,6 +25,7 @@ from laneway.embedded_redis import EmbeddedRedis
 from laneway.serve import publish_policy
 from tests.conftest import POLICIES
 from tests.service import free_port
+from verifier.worker import Verifier, VerifierOptions
 
 START_TIMEOUT_S = 60.0
 
@@ -126,4 +127,25 @@ async def test_a_worker_with_nothing_to_serve_says_why_it_is_not_ready(
         for w in (stranger, too_big, serving):
             w.stop()
         await asyncio.wait_for(asyncio.gather(*tasks), timeout=30)
+        await redis.aclose()
+
+
+async def test_a_verifier_is_ready_once_its_ocr_models_are_loaded(redis_url: str,
+                                                                  tmp_path: Path) -> None:
+    redis = aioredis.Redis.from_url(redis_url)
+    verifier = Verifier(redis, VerifierOptions(
+        name="test/verifier", artifacts=open_artifact_store(str(tmp_path)), job_ttl_s=60,
+        claim_idle_ms=60_000))
+    assert verifier.not_ready() == ["loading the OCR models"]
+    task = asyncio.create_task(verifier.run())
+    try:
+        deadline = time.monotonic() + 60
+        while verifier.not_ready():
+            assert time.monotonic() < deadline, verifier.not_ready()
+            await asyncio.sleep(0.05)
+        verifier.stop()
+        assert verifier.not_ready() == ["stopping: finishing the check in progress"]
+    finally:
+        verifier.stop()
+        await asyncio.wait_for(task, timeout=30)
         await redis.aclose()
