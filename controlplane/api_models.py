@@ -182,13 +182,22 @@ class StagesOut(Body):
     allowed: int | None = None
 
 
+class CudaMemoryOut(Body):
+    """What torch's caching allocator holds on a CUDA worker's device."""
+
+    allocated_bytes: int
+    reserved_bytes: int
+
+
 class MemoryOut(Body):
-    """A worker device's memory budget: loaded engines and their ``memory_gb``."""
+    """A worker device's memory budget: loaded engines and their ``memory_gb``; ``cuda``
+    is None on other devices (cpu, sim, none)."""
 
     used_gb: float = 0.0
     total_gb: float | None = None
     loaded: list[str] = []
     unloads: dict[str, int] = {}
+    cuda: CudaMemoryOut | None = None
 
 
 class WorkerOut(Body):

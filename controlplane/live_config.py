@@ -45,6 +45,11 @@ class LiveConfig:
         self._stop = asyncio.Event()
 
     @property
+    def loaded(self) -> bool:
+        """Whether a policy has been read (``snapshot`` is there)."""
+        return self._snapshot is not None
+
+    @property
     def snapshot(self) -> Snapshot:
         if self._snapshot is None:
             raise RuntimeError("LiveConfig.start() has not loaded a policy yet")

@@ -34,6 +34,7 @@ from controlplane.pubsub import follow
 from controlplane.registry import Registry
 from engines.batching import fill_batch
 from engines.device_gate import DeviceGate
+from engines.device_memory import cuda_memory_bytes
 from engines.lanes import Entry, LaneReader
 from engines.memory_budget import MemoryBudget
 from engines.stage_outcomes import Outcomes
@@ -124,6 +125,20 @@ class Worker:
 
     def stop(self) -> None:
         self._stopping.set()
+
+    def not_ready(self) -> list[str]:
+        """Why this worker cannot take work now (empty: it can); its readiness probe
+        adds whether Redis answers. Weights load on first use: ready is not loaded."""
+        if self._stopping.is_set():
+            return ["stopping: draining the stages it runs"]
+        if self._slots:
+            return []
+        if self._refused:
+            return [f"every engine it serves is over its memory budget of "
+                    f"{self.memory.total_gb} GB: {', '.join(sorted(self._refused))}"]
+        if not self.live.loaded:
+            return ["the policy in force is not read yet"]
+        return ["the policy in force has no engine this worker serves (see --engines)"]
 
     async def _drain(self) -> None:
         running = [t for t in self._slot_tasks if not t.done()]
@@ -274,7 +289,9 @@ class Worker:
                 "slots": json.dumps(slots), "heartbeat_at": f"{time.time():.3f}",
                 "stages": json.dumps({"running": self.gate.running,
                                       "allowed": self.gate.allowed}),
-                "memory": json.dumps(self.memory.snapshot()),
+                # torch.cuda's own figures: null on other devices
+                "memory": json.dumps(self.memory.snapshot()
+                                     | {"cuda": cuda_memory_bytes(self.options.device)}),
             })
             pipe.expire(keys.worker_heartbeat(self.name), HEARTBEAT_TTL_S)
             pipe.sadd(keys.workers(), self.name)

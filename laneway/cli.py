@@ -9,10 +9,11 @@ them.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from importlib import resources
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -20,6 +21,10 @@ from controlplane.errors import LanewayError, PolicyError
 from controlplane.policy_loader import load_policy
 from laneway import cli_admin, deploy_render
 from laneway.cli_settings import current_settings, load_at_start
+from laneway.devices import AUTO, count_cuda_devices, parse_devices, plan_workers
+
+if TYPE_CHECKING:
+    from controlplane.probes import ProbeAddress
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 #: the policy ``laneway serve`` applies when no ``--policy`` is given
@@ -38,6 +43,18 @@ RedisUrl = Annotated[str | None, typer.Option(
                         "starts the bundled server.")]
 RegistryDir = Annotated[Path | None, typer.Option(
     "--registry", help="Model registry folder (default LANEWAY_REGISTRY, else ./registry).")]
+ProbePort = Annotated[int | None, typer.Option(
+    min=1, max=65535, help="Answer GET /livez (the process runs) and /readyz (Redis "
+                           "answers, ready to take work) on this port (default: no probe).")]
+ProbeHost = Annotated[str, typer.Option(
+    help="Interface of --probe-port (0.0.0.0 for the kubelet in a pod).")]
+DEFAULT_PROBE_HOST = "127.0.0.1"
+
+
+def _probe(port: int | None, host: str) -> ProbeAddress | None:
+    from controlplane.probes import ProbeAddress
+
+    return ProbeAddress(host, port) if port is not None else None
 
 
 @app.callback()
@@ -67,9 +84,13 @@ def serve(
     api_workers: Annotated[int, typer.Option(
         min=1, help="API processes on the port, sharing all state through Redis (default "
                     "1: on one machine the cores are the workers').")] = 1,
+    devices: Annotated[str, typer.Option(
+        help="Devices of the local workers, one worker each: auto (every visible CUDA "
+             "device, else the CPU), cpu, or cuda:0,cuda:1,... (indices among the visible "
+             "devices; CUDA_VISIBLE_DEVICES may list GPU or MIG UUIDs).")] = AUTO,
     registry: RegistryDir = None,
 ) -> None:
-    """Run the service: bundled server (unless --redis-url), API and a local worker."""
+    """Run the service: bundled server (unless --redis-url), API and local workers."""
     from laneway.embedded_redis import EmbeddedServerError
     from laneway.serve import ServeOptions
     from laneway.serve import serve as run_serve
@@ -77,8 +98,14 @@ def serve(
     settings = current_settings(redis_url=redis_url, host=host, port=port, registry=registry)
     policy_path = policy or packaged_policy(DEFAULT_POLICY)
     try:
+        choice = parse_devices(devices)
+        local = plan_workers(choice, os.environ, count_cuda_devices) if not no_workers else []
+    except ValueError as exc:
+        raise _fail(f"laneway serve: --devices: {exc}", EXIT_USAGE) from None
+    try:
         run_serve(settings, ServeOptions(policy_path=policy_path, workers=not no_workers,
-                                         watch=watch, api_workers=api_workers))
+                                         devices=local, watch=watch,
+                                         api_workers=api_workers))
     except PolicyError as exc:
         _print_policy_errors(exc, str(policy_path))
         raise typer.Exit(EXIT_REFUSED) from None
@@ -101,6 +128,8 @@ def worker(
                       "GPU's total memory on CUDA, unlimited on CPU).")] = None,
     redis_url: RedisUrl = None,
     registry: RegistryDir = None,
+    probe_port: ProbePort = None,
+    probe_host: ProbeHost = DEFAULT_PROBE_HOST,
 ) -> None:
     """Run a worker against a Redis/Valkey server; SIGTERM drains it."""
     from engines.worker_main import run_worker
@@ -110,18 +139,19 @@ def worker(
         raise _fail("laneway worker needs --redis-url or LANEWAY_REDIS_URL", EXIT_USAGE)
     names = frozenset(n.strip() for n in engines.split(",") if n.strip()) if engines else None
     run_worker(settings, device=settings.device, engines=names, max_stages=max_stages,
-               memory_gb=memory_gb)
+               memory_gb=memory_gb, probe=_probe(probe_port, probe_host))
 
 
 @app.command()
-def verifier(redis_url: RedisUrl = None) -> None:
+def verifier(redis_url: RedisUrl = None, probe_port: ProbePort = None,
+             probe_host: ProbeHost = DEFAULT_PROBE_HOST) -> None:
     """Run a verifier (OCR and quality checks of completed jobs); SIGTERM stops it."""
     from verifier.verifier_main import run_verifier
 
     settings = current_settings(redis_url=redis_url)
     if not settings.redis_url:
         raise _fail("laneway verifier needs --redis-url or LANEWAY_REDIS_URL", EXIT_USAGE)
-    run_verifier(settings)
+    run_verifier(settings, probe=_probe(probe_port, probe_host))
 
 
 @app.command()

@@ -15,7 +15,7 @@ import os
 import signal
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +30,9 @@ from controlplane.registry import Registry
 from controlplane.settings import Settings
 from laneway.admin_token import ensure_token, token_path
 from laneway.api_process import problems_path
+from laneway.devices import CPU, WorkerDevice
 from laneway.embedded_redis import EmbeddedRedis
-from laneway.supervisor import Supervisor
+from laneway.supervisor import Command, Supervisor
 
 log = logging.getLogger("laneway.serve")
 
@@ -40,6 +41,8 @@ log = logging.getLogger("laneway.serve")
 class ServeOptions:
     policy_path: Path
     workers: bool = True
+    #: one worker each for the policy's device engines (``laneway/devices.py``)
+    devices: list[WorkerDevice] = field(default_factory=lambda: [WorkerDevice(CPU)])
     watch: bool = False
     #: API processes on the port (1: the API runs in this process)
     api_workers: int = 1
@@ -72,21 +75,22 @@ async def publish_policy(redis_url: str, policy: Policy, registry: Registry, *,
         await redis.aclose()
 
 
-def child_commands(settings: Settings, policy: Policy) -> list[list[str]]:
+def child_commands(policy: Policy, devices: list[WorkerDevice]) -> list[Command]:
     """The ``laneway`` sub-commands serve runs beside the API, one process each: a worker
-    for the local device, one with no device for remote engines (``http.openai_images``)
+    per local device, one with no device for remote engines (``http.openai_images``)
     and one for simulated engines (``sim``), the verifier and the controller."""
-    commands = [["worker", "--device", settings.device], ["verifier"], ["controller"]]
+    commands = [Command(["worker", "--device", d.device], d.environ) for d in devices]
+    commands += [Command(["verifier"]), Command(["controller"])]
     remote = [name for name, spec in policy.engines.items()
               if spec.kind is EngineKind.openai_images]
     if remote:
-        commands.append(["worker", "--engines", ",".join(remote), "--device", "none"])
+        commands.append(Command(["worker", "--engines", ",".join(remote), "--device", "none"]))
     simulated = [name for name, spec in policy.engines.items() if spec.kind is EngineKind.sim]
     if simulated:
         log.warning("engines %s are SIMULATED (kind: sim): they sleep instead of rendering "
                     "and return blank images; sim is for benchmarks and tests, never for "
                     "users", ", ".join(simulated))
-        commands.append(["worker", "--engines", ",".join(simulated), "--device", "sim"])
+        commands.append(Command(["worker", "--engines", ",".join(simulated), "--device", "sim"]))
     return commands
 
 
@@ -149,10 +153,12 @@ def _serve(settings: Settings, options: ServeOptions) -> None:
                             if options.api_workers > 1 else None)
     try:
         asyncio.run(publish_policy(settings.redis_url, policy, registry, remote=remote))
-        commands = child_commands(settings, policy) if options.workers else []
+        commands = child_commands(policy, options.devices) if options.workers else []
+        if options.workers:
+            log.info("local workers on %s", ", ".join(map(str, options.devices)))
         if options.watch:
-            commands.append(["policy", "watch", str(options.policy_path),
-                             "--registry", str(settings.registry)])
+            commands.append(Command(["policy", "watch", str(options.policy_path),
+                                     "--registry", str(settings.registry)]))
         supervisor.start(commands)
         log.info("API on http://%s:%d (policy %s, %d process%s)", settings.host,
                  settings.port, policy.version_id[:19], options.api_workers,

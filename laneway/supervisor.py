@@ -9,7 +9,7 @@ again on its port and data directory, so every client keeps its URL and the appe
 file replays the jobs::
 
     supervisor = Supervisor(settings, embedded)
-    supervisor.start([["worker", "--device", "cpu"], ["verifier"]])
+    supervisor.start([Command(["worker", "--device", "cpu"]), Command(["verifier"])])
     ...
     supervisor.stop()   # children drain (SIGTERM), then the bundled server stops
 
@@ -28,7 +28,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,21 +71,35 @@ class _Watched:
         log.warning("%s died; starting it again in %.1f s", self.name, delay)
 
 
-class _Child:
-    """``laneway ARGS`` in a child process that loads serve's settings."""
+@dataclass(frozen=True)
+class Command:
+    """``laneway ARGS``, with ``environ`` on top of serve's environment (e.g. the
+    ``CUDA_VISIBLE_DEVICES`` of a MIG slice)."""
 
-    def __init__(self, settings: Settings, args: list[str]) -> None:
-        self.settings, self.args = settings, args
+    args: list[str]
+    environ: Mapping[str, str] = field(default_factory=dict)
+
+
+class _Child:
+    """A command in a child process that loads serve's settings."""
+
+    def __init__(self, settings: Settings, command: Command) -> None:
+        self.settings, self.command = settings, command
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def name(self) -> str:
-        return "laneway " + " ".join(self.args)
+        shown = [f"{k}={v}" for k, v in self.command.environ.items()]
+        return " ".join([*shown, "laneway", *self.command.args])
+
+    def environ(self) -> dict[str, str]:
+        """serve's environment with its settings, and the command's variables over both."""
+        return child_environ(self.settings, os.environ) | dict(self.command.environ)
 
     def start(self) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "laneway.cli", *self.args],
-            env=child_environ(self.settings, os.environ), preexec_fn=die_with_parent)
+            [sys.executable, "-m", "laneway.cli", *self.command.args], env=self.environ(),
+            preexec_fn=die_with_parent)
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
@@ -113,11 +127,11 @@ class Supervisor:
             self._watched.append(_Watched("the bundled server", self._restart_embedded,
                                           lambda: embedded.poll() is None))
 
-    def start(self, commands: list[list[str]]) -> None:
-        """Start ``laneway ARGS`` for each of ``commands`` and watch them (and the bundled
-        server) from a thread."""
-        for args in commands:
-            child = _Child(self.settings, args)
+    def start(self, commands: list[Command]) -> None:
+        """Start each of ``commands`` and watch them (and the bundled server) from a
+        thread."""
+        for command in commands:
+            child = _Child(self.settings, command)
             self._children.append(child)
             self._watched.append(_Watched(child.name, child.start, child.alive))
         self._thread = threading.Thread(target=self._run, name="laneway-supervisor",

@@ -178,6 +178,14 @@ async def collect(redis: aioredis.Redis, policy: Policy, *,
     loaded = GaugeMetricFamily("laneway_worker_engine_loaded",
                                "1 for each engine a worker holds loaded",
                                labels=["worker", "device", "engine"])
+    cuda_allocated = GaugeMetricFamily(
+        "laneway_worker_cuda_allocated_bytes",
+        "torch.cuda.memory_allocated of a CUDA worker's device (no series on other devices)",
+        labels=["worker", "device"])
+    cuda_reserved = GaugeMetricFamily(
+        "laneway_worker_cuda_reserved_bytes",
+        "torch.cuda.memory_reserved of a CUDA worker's device (no series on other devices)",
+        labels=["worker", "device"])
     unloads = CounterMetricFamily("laneway_worker_engine_unloads",
                                   "Engines unloaded for memory or idleness, since the "
                                   "worker started", labels=["worker", "device", "engine"])
@@ -189,6 +197,9 @@ async def collect(redis: aioredis.Redis, policy: Policy, *,
         memory_used.add_metric([name, device], float(memory.get("used_gb", 0)))
         if memory.get("total_gb") is not None:
             memory_total.add_metric([name, device], float(memory["total_gb"]))
+        if memory.get("cuda") is not None:
+            cuda_allocated.add_metric([name, device], memory["cuda"]["allocated_bytes"])
+            cuda_reserved.add_metric([name, device], memory["cuda"]["reserved_bytes"])
         for engine in memory.get("loaded", []):
             loaded.add_metric([name, device, engine], 1)
         for engine, n in memory.get("unloads", {}).items():
@@ -205,7 +216,8 @@ async def collect(redis: aioredis.Redis, policy: Policy, *,
 
     return [
         depth, age, deferred, deferred_age, route_inflight, dead_letter, busy, total,
-        heartbeat, live_slots, memory_used, memory_total, loaded, unloads,
+        heartbeat, live_slots, memory_used, memory_total, cuda_allocated, cuda_reserved,
+        loaded, unloads,
         *stage_histograms(histograms),
         *version_counters(versions, version_rows), *rollout_gauges(rollouts),
         _counter("laneway_admission", "Admission decisions per requested route and tier",

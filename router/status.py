@@ -89,7 +89,8 @@ async def status_body(redis: aioredis.Redis, snapshot: Snapshot) -> dict[str, An
         "name": w.get("name"), "device": w.get("device"), "slots": worker_slots(w),
         "engines": sorted(worker_slots(w)),
         "stages": json.loads(w.get("stages") or "{}"),  # running / allowed on its device
-        "memory": json.loads(w.get("memory") or "{}"),  # used / total GB, loaded engines
+        # used / total GB, loaded engines; on CUDA torch.cuda's allocated / reserved bytes
+        "memory": json.loads(w.get("memory") or "{}"),
         "last_heartbeat_s": round(now_s - float(w.get("heartbeat_at", 0)), 3),
     } for w in await live_workers(redis, now_s=now_s)]
     return {

@@ -23,7 +23,7 @@ from controlplane.policy_loader import load_policy
 from controlplane.settings import Settings, setting_names, unknown_variables
 from engines.lanes import LaneReader
 from laneway.cli import app
-from laneway.deploy_render import GENERATED_MARK, NAMESPACE
+from laneway.deploy_render import GENERATED_MARK, NAMESPACE, PROBE_PORT
 from tests.conftest import REPO
 
 DEFAULT_POLICY = REPO / "policies" / "default.yaml"
@@ -167,7 +167,8 @@ def test_worker_deployments_run_one_engine_on_its_device(rendered: Path) -> None
         gpu = policy.engines[engine].kind in DIFFUSERS_KINDS
         worker = container(deployment)
         assert worker["args"] == ["worker", "--engines", engine,
-                                  "--device", "cuda:0" if gpu else "cpu"]
+                                  "--device", "cuda:0" if gpu else "cpu",
+                                  "--probe-port", str(PROBE_PORT), "--probe-host", "0.0.0.0"]
         limits = worker.get("resources", {}).get("limits", {})
         assert limits == ({GPU: 1} if gpu else {}), name
         assert "replicas" not in deployment["spec"]  # KEDA's HPA owns it
@@ -231,6 +232,31 @@ def test_every_pod_gets_only_settings_and_a_name_of_its_own(rendered: Path) -> N
         assert sources == ["laneway-config", "laneway-secrets"], name
 
 
+def test_workers_and_the_verifier_are_probed_on_their_own_probe_port(
+        rendered: Path) -> None:
+    deployments = by_kind(documents(rendered) + base_objects(), "Deployment")
+    probed = {n: d for n, d in deployments.items() if n.startswith("laneway-worker-")}
+    assert len(probed) == 6
+    probed["laneway-verifier"] = deployments["laneway-verifier"]
+    runner = CliRunner()
+    for name, deployment in probed.items():
+        pod = container(deployment)
+        args = pod["args"]
+        port = int(args[args.index("--probe-port") + 1])
+        assert args[args.index("--probe-host") + 1] == "0.0.0.0", name  # the kubelet's way in
+        assert pod["ports"] == [{"name": "probe", "containerPort": port}], name
+        paths = {kind: pod[kind]["httpGet"] for kind in
+                 ("startupProbe", "livenessProbe", "readinessProbe")}
+        assert paths == {"startupProbe": {"path": "/livez", "port": "probe"},
+                         "livenessProbe": {"path": "/livez", "port": "probe"},
+                         "readinessProbe": {"path": "/readyz", "port": "probe"}}, name
+        # above the probe's PING timeout, so a stopped Redis reads as 503, not a timeout
+        assert pod["readinessProbe"]["timeoutSeconds"] > 0.5, name
+        # the command line parses: the command gets as far as asking for Redis
+        result = runner.invoke(app, args, env={"LANEWAY_REDIS_URL": None})
+        assert result.exit_code == 2 and "needs --redis-url" in result.output, result.output
+
+
 # -- other policies, bad input -----------------------------------------------------------
 
 def test_remote_engines_share_one_fixed_pool_and_sim_engines_get_none(tmp_path: Path) -> None:
@@ -248,8 +274,9 @@ def test_remote_engines_share_one_fixed_pool_and_sim_engines_get_none(tmp_path: 
     assert set(by_kind(objects, "ScaledObject")) == {
         "laneway-worker-base", "laneway-worker-upscaler", "laneway-worker-resize"}
     remote = deployments["laneway-worker-remote"]
-    assert container(remote)["args"] == ["worker", "--engines", "hosted-a,hosted-b",
-                                         "--device", "none"]
+    assert container(remote)["args"][:5] == ["worker", "--engines", "hosted-a,hosted-b",
+                                             "--device", "none"]
+    assert container(remote)["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert remote["spec"]["replicas"] == 1
     assert "resources" not in container(remote)
     assert {container(d)["image"] for d in deployments.values()} == {"img:7"}
@@ -322,7 +349,7 @@ def test_the_base_builds_and_holds_the_api_verifier_and_controller() -> None:
         ("Service", "laneway-api"), ("PodDisruptionBudget", "laneway-api"),
         ("Deployment", "laneway-verifier"), ("Deployment", "laneway-controller")])
     deployments = by_kind(objects, "Deployment")
-    assert container(deployments["laneway-verifier"])["args"] == ["verifier"]
+    assert container(deployments["laneway-verifier"])["args"][0] == "verifier"
     assert container(deployments["laneway-controller"])["args"] == ["controller"]
     assert deployments["laneway-controller"]["spec"]["replicas"] == 1
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from laneway.devices import DRIVER_NODES
 from tests.conftest import REPO
 from tests.service import Service, descendants, pid_alive
 
@@ -39,6 +40,8 @@ def test_fresh_start_crash_and_clean_stop(tmp_path: Path) -> None:
     first = Service(home=home, registry=registry, policy=REPO / "policies" / "tiny.yaml")
     first.start()  # an empty registry: the tiny models are built on the way up
     assert (registry / "tiny-sdxl-turbo").is_dir()
+    if not any(node.exists() for node in DRIVER_NODES):  # --devices auto without a GPU
+        assert "local workers on cpu\n" in first.log()
     assert _draft_size(first) == (56, 64)
 
     # A crash of the serve process: its worker goes with it, the bundled server is orphaned.
@@ -50,9 +53,12 @@ def test_fresh_start_crash_and_clean_stop(tmp_path: Path) -> None:
     assert _wait_gone([p for p in tree if p != state["pid"]]) == []
 
     # The next start finds the orphan through its state file and reuses it.
-    second = Service(home=home, registry=registry, policy=REPO / "policies" / "tiny.yaml")
+    second = Service(home=home, registry=registry, policy=REPO / "policies" / "tiny.yaml",
+                     extra_args=["--devices", "cpu"])
     second.start()
     assert "bundled server reused" in second.log()
+    assert "local workers on cpu\n" in second.log()
+    assert [w["device"] for w in second.live_workers()] == ["cpu"]
     assert _draft_size(second) == (56, 64)
 
     assert second.process is not None

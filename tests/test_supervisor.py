@@ -12,7 +12,9 @@ from controlplane.settings import Settings
 from laneway.supervisor import (
     GIVE_UP_AFTER,
     GIVE_UP_WINDOW_S,
+    Command,
     Supervisor,
+    _Child,
     _Watched,
 )
 
@@ -53,3 +55,17 @@ def test_a_child_that_keeps_dying_is_reported(tmp_path: Path) -> None:
         child.died(float(death))
     (problem,) = supervisor.problems()
     assert problem.startswith("laneway worker: died 5 times")
+
+
+def test_a_child_gets_serve_s_settings_and_its_command_s_variables(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "MIG-a,MIG-b")
+    settings = Settings(home=tmp_path, redis_url="redis://127.0.0.1:1/0")
+    slice_b = _Child(settings, Command(["worker", "--device", "cuda:0"],
+                                       {"CUDA_VISIBLE_DEVICES": "MIG-b"}))
+    assert slice_b.name == "CUDA_VISIBLE_DEVICES=MIG-b laneway worker --device cuda:0"
+    environ = slice_b.environ()
+    assert environ["CUDA_VISIBLE_DEVICES"] == "MIG-b"
+    assert environ["LANEWAY_REDIS_URL"] == "redis://127.0.0.1:1/0"
+    assert _Child(settings, Command(["verifier"])).environ()["CUDA_VISIBLE_DEVICES"] == (
+        "MIG-a,MIG-b")

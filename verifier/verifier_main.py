@@ -9,6 +9,7 @@ import logging
 import redis.asyncio as aioredis
 
 from controlplane.artifacts import open_artifact_store
+from controlplane.probes import ProbeAddress, serving_probes
 from controlplane.settings import Settings
 from controlplane.signals import on_stop_signals
 from controlplane.telemetry import setup_tracing, shutdown_tracing
@@ -16,7 +17,7 @@ from verifier.typography import set_ocr_threads
 from verifier.worker import Verifier, VerifierOptions
 
 
-async def _serve(settings: Settings) -> None:
+async def _serve(settings: Settings, probe: ProbeAddress | None) -> None:
     assert settings.redis_url
     redis = aioredis.Redis.from_url(settings.redis_url)
     verifier = Verifier(redis, VerifierOptions(
@@ -26,18 +27,21 @@ async def _serve(settings: Settings) -> None:
     ))
     on_stop_signals(verifier.stop)
     try:
-        await verifier.run()
+        async with serving_probes(probe, redis_url=settings.redis_url,
+                                  problems=verifier.not_ready):
+            await verifier.run()
     finally:
         await redis.aclose()
 
 
-def run_verifier(settings: Settings) -> None:
-    """Block verifying completed jobs until a stop signal."""
+def run_verifier(settings: Settings, *, probe: ProbeAddress | None = None) -> None:
+    """Block verifying completed jobs until a stop signal; ``probe``: where to answer
+    ``/livez`` and ``/readyz``."""
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s verifier %(levelname)s %(message)s")
     set_ocr_threads(settings.ocr_threads)
     setup_tracing("laneway-verifier")
     try:
-        asyncio.run(_serve(settings))
+        asyncio.run(_serve(settings, probe))
     finally:
         shutdown_tracing()

@@ -82,6 +82,7 @@ class Verifier:
         self.policies = PolicyStore(redis)
         self._policy_cache: dict[str, Policy] = {}
         self._stopping = asyncio.Event()
+        self._models_loaded = False
         self._executor: ThreadPoolExecutor | None = None
         #: entries this process acknowledged, with or without a verdict (tests read it)
         self.acknowledged = 0
@@ -94,6 +95,7 @@ class Verifier:
         try:
             await self._ensure_group()
             await asyncio.get_running_loop().run_in_executor(self._executor, ocr_engine)
+            self._models_loaded = True
             log.info("verifier %s ready", self.name)
             while not self._stopping.is_set():
                 try:
@@ -111,6 +113,15 @@ class Verifier:
 
     def stop(self) -> None:
         self._stopping.set()
+
+    def not_ready(self) -> list[str]:
+        """Why this verifier cannot take work now (empty: it can); its readiness probe
+        adds whether Redis answers."""
+        if self._stopping.is_set():
+            return ["stopping: finishing the check in progress"]
+        if not self._models_loaded:
+            return ["loading the OCR models"]
+        return []
 
     async def _pause(self) -> None:
         with contextlib.suppress(TimeoutError):

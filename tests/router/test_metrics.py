@@ -162,3 +162,34 @@ async def test_live_slots_dead_letters_versions_and_rollouts(redis_url: str) -> 
     assert phases == {"progressing": 0, "paused": 0, "promoted": 0, "aborted": 1}
     assert value(samples, "laneway_rollout_canary_weight_percent", model="sdxl") == 0
     assert value(empty, "laneway_version_stages_total") is None  # no deployments given
+
+
+async def test_cuda_memory_figures_show_only_when_the_heartbeat_carries_them(
+        make_router: RouterFactory) -> None:
+    """This machine has no GPU: the CPU worker's real heartbeat carries ``cuda: null``, and
+    the figures a CUDA worker's heartbeat would add to it are the test's own."""
+    async with make_router(load_policy(POLICIES / "sim_lane.yaml")) as router:
+        worker = await router.start_worker("sim-draft")
+        await scrape_until(router, lambda s: value(
+            s, "laneway_worker_slots", worker=worker.name) == 1)
+        await worker._heartbeat()
+        (seen,) = (await router.http.get("/v1/status")).json()["workers"]
+        assert seen["device"] == "cpu" and seen["memory"]["cuda"] is None
+        samples = await scrape(router)
+        assert value(samples, "laneway_worker_cuda_allocated_bytes") is None
+        assert value(samples, "laneway_worker_cuda_reserved_bytes") is None
+
+        heartbeat = await router.redis.hgetall(keys.worker_heartbeat(worker.name))
+        await router.stop_workers()  # no later heartbeat of its own overwrites the one below
+        memory = json.loads(heartbeat[b"memory"])
+        cuda = {"allocated_bytes": 3 * 2**30, "reserved_bytes": 4 * 2**30}
+        await router.redis.sadd(keys.workers(), worker.name)
+        await router.redis.hset(keys.worker_heartbeat(worker.name), mapping={
+            **heartbeat, b"memory": json.dumps(memory | {"cuda": cuda}),
+            b"heartbeat_at": f"{time.time():.3f}"})
+        (seen,) = (await router.http.get("/v1/status")).json()["workers"]
+        assert seen["memory"]["cuda"] == cuda
+        samples = await scrape(router)
+    labels = {"worker": worker.name, "device": "cpu"}
+    assert value(samples, "laneway_worker_cuda_allocated_bytes", **labels) == 3 * 2**30
+    assert value(samples, "laneway_worker_cuda_reserved_bytes", **labels) == 4 * 2**30
